@@ -1,0 +1,34 @@
+"""vramkit: run FLUX pipelines on any GPU memory budget, as fast as the hardware allows.
+
+>>> import vramkit
+>>> plan = vramkit.optimize(pipe)          # plan for the free VRAM and apply
+>>> print(plan.explain())
+>>> vramkit.restore(pipe)                  # undo
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import errors, strategies
+from .api import applied_plan, optimize, plan, restore
+from .plan import Plan, PlanStep, Predicted, Rejected, StagePrediction
+
+__version__ = "0.1.0"
+
+logging.getLogger("vramkit").addHandler(logging.NullHandler())
+
+__all__ = [
+    "optimize",
+    "plan",
+    "restore",
+    "applied_plan",
+    "Plan",
+    "PlanStep",
+    "Predicted",
+    "Rejected",
+    "StagePrediction",
+    "errors",
+    "strategies",
+    "__version__",
+]

@@ -1,0 +1,76 @@
+"""Per-pipeline vramkit state, kept on the pipeline object itself (no global registry).
+
+vramkit also needs to run code around each pipeline call (offload everything after a call,
+recovery, profiling). Python looks ``__call__`` up on the type, so the pipeline's class is swapped
+for a same-named subclass whose ``__call__`` runs the registered call hooks; ``restore`` swaps the
+original class back."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+STATE_ATTR = "_vramkit_state"
+
+
+class CallHook(Protocol):
+    def before_call(self, pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None: ...
+
+    def after_call(self, pipe: Any) -> None: ...
+
+
+@dataclass
+class PipelineState:
+    plan: Any  # vramkit.plan.Plan (typed loosely to avoid an import cycle)
+    applied: list[tuple[Any, Any]] = field(default_factory=list)  # (PlanStep, undo or None)
+    call_hooks: dict[str, CallHook] = field(default_factory=dict)
+    placed: dict[str, str] = field(default_factory=dict)  # component -> strategy that placed it
+    original_class: type | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def get_state(pipe: Any) -> PipelineState | None:
+    return pipe.__dict__.get(STATE_ATTR)
+
+
+def set_state(pipe: Any, state: PipelineState | None) -> None:
+    if state is None:
+        pipe.__dict__.pop(STATE_ATTR, None)
+    else:
+        pipe.__dict__[STATE_ATTR] = state
+
+
+@functools.lru_cache(maxsize=None)
+def _wrapped_class(cls: type) -> type:
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = get_state(self)
+        hooks = list(state.call_hooks.values()) if state is not None else []
+        for hook in hooks:
+            hook.before_call(self, args, kwargs)
+        try:
+            return cls.__call__(self, *args, **kwargs)
+        finally:
+            for hook in reversed(hooks):
+                hook.after_call(self)
+
+    __call__.__doc__ = cls.__call__.__doc__
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_vramkit_wrapped": True},
+    )
+
+
+def install_call_wrapper(pipe: Any, state: PipelineState) -> None:
+    cls = type(pipe)
+    if getattr(cls, "_vramkit_wrapped", False):
+        return
+    state.original_class = cls
+    pipe.__class__ = _wrapped_class(cls)
+
+
+def remove_call_wrapper(pipe: Any, state: PipelineState) -> None:
+    if state.original_class is not None:
+        pipe.__class__ = state.original_class
+        state.original_class = None

@@ -1,0 +1,239 @@
+"""The public entry points: ``optimize``, ``plan`` and ``restore``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from . import _pipeline
+from ._state import PipelineState, get_state, install_call_wrapper, remove_call_wrapper, set_state
+from .errors import IrreversibleError, StrategyConflictError, VramkitError
+from .plan import Plan, PlanStep
+from .strategies import Strategy, get_apply_fn
+
+logger = logging.getLogger("vramkit")
+
+__all__ = ["optimize", "plan", "restore", "plan_from_strategies", "applied_plan"]
+
+
+def plan_from_strategies(pipe: Any, strategies: Sequence[Strategy]) -> Plan:
+    """Expand hand-picked strategies into ordered, checked steps (nothing is applied)."""
+    _pipeline.check_flux_pipeline(pipe)
+    available = list(_pipeline.model_components(pipe))
+    strategies = list(strategies)
+    for s in strategies:
+        if not isinstance(s, Strategy):
+            raise StrategyConflictError(
+                f"strategies must be vramkit.strategies configs, got {type(s).__name__}: "
+                "e.g. strategies=[vramkit.strategies.VaeTiling(tile=512)]."
+            )
+    indexed = sorted(enumerate(strategies), key=lambda item: (item[1].order, item[0]))
+    steps: list[PlanStep] = []
+    for _, s in indexed:
+        for component in s.target_components(available):
+            steps.append(
+                PlanStep(
+                    strategy=s,
+                    component=component,
+                    reason=s.default_reason(component),
+                    lossless=s.step_lossless(pipe, component),
+                    reversible=s.step_reversible(pipe, component),
+                )
+            )
+    if not steps:
+        names = ", ".join(s.describe() for s in strategies)
+        if strategies:
+            logger.info("No step applies to this pipeline for: %s", names)
+    state = get_state(pipe)
+    leftovers = [step for step, _ in state.applied] if state is not None else []
+    _check_conflicts(leftovers + steps, available, n_existing=len(leftovers))
+    return Plan(steps=steps)
+
+
+def _check_conflicts(steps: list[PlanStep], available: list[str], n_existing: int = 0) -> None:
+    for i, a in enumerate(steps):
+        for j in range(i + 1, len(steps)):
+            if j < n_existing:
+                continue
+            b = steps[j]
+            where_a = a.strategy.touches(available) if a.component is None else {a.component}
+            where_b = b.strategy.touches(available) if b.component is None else {b.component}
+            if a.strategy.name == b.strategy.name and (a.component == b.component or where_a & where_b):
+                already = " (applied earlier by vramkit)" if i < n_existing else ""
+                raise StrategyConflictError(
+                    f"{a.strategy.name} is applied twice to {a.component or 'the pipeline'}{already}. "
+                    "Give each strategy once; to change it, call vramkit.restore(pipe) first."
+                )
+            conflicting = b.strategy.name in a.strategy.conflicts_with or a.strategy.name in b.strategy.conflicts_with
+            both_wide = a.component is None and b.component is None
+            if conflicting and (both_wide or where_a & where_b):
+                shared = sorted(where_a & where_b) or ["the pipeline"]
+                raise StrategyConflictError(
+                    f"{a.strategy.describe()} and {b.strategy.describe()} conflict on {', '.join(shared)}: "
+                    "each decides where those weights live. Keep one of them (or give them disjoint components=)."
+                )
+
+
+def applied_plan(pipe: Any) -> Plan | None:
+    """The plan vramkit applied to ``pipe``, or ``None``."""
+    state = get_state(pipe)
+    return state.plan if state is not None else None
+
+
+def _apply(pipe: Any, plan: Plan) -> Plan:
+    state = get_state(pipe)
+    fresh = state is None
+    if state is None:
+        state = PipelineState(plan=plan)
+        set_state(pipe, state)
+    # Every check first: a step that cannot be applied must fail before anything changed.
+    for step in plan.steps:
+        step.strategy.check(pipe, step.component)
+    applied: list[tuple[PlanStep, Any]] = []
+    try:
+        for step in plan.steps:
+            undo = get_apply_fn(step.strategy)(pipe, step.strategy, step.component)
+            applied.append((step, undo))
+            logger.info("applied %s on %s: %s", step.strategy.describe(), step.component or "pipeline", step.reason)
+        install_call_wrapper(pipe, state)
+    except BaseException as exc:
+        irreversible = _undo_all(pipe, applied)
+        if fresh and not irreversible:
+            remove_call_wrapper(pipe, state)
+            set_state(pipe, None)
+        if isinstance(exc, VramkitError) or not isinstance(exc, Exception):
+            raise
+        raise VramkitError(
+            f"Applying {step.strategy.describe()} to {step.component or 'the pipeline'} failed: {exc}. "
+            "Every step applied before it was undone."
+        ) from exc
+    state.applied.extend(applied)
+    if not fresh:
+        plan = Plan(
+            steps=[s for s, _ in state.applied],
+            predicted=plan.predicted,
+            rejected=plan.rejected,
+            request=plan.request,
+            notes=plan.notes,
+        )
+    state.plan = plan
+    pipe.__dict__["vramkit_plan"] = plan
+    return plan
+
+
+def _undo_all(pipe: Any, applied: list[tuple[PlanStep, Any]]) -> list[PlanStep]:
+    """Undo steps in reverse order; return the steps that could not be undone."""
+    irreversible: list[PlanStep] = []
+    for step, undo in reversed(applied):
+        if undo is None:
+            irreversible.append(step)
+            continue
+        undo()
+    return list(reversed(irreversible))
+
+
+def optimize(
+    pipe: Any,
+    *,
+    strategies: Sequence[Strategy] | None = None,
+    vram: int | str | None = None,
+    ram: int | str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    max_sequence_length: int | None = None,
+    quality: str = "auto",
+    device: str | None = None,
+    **planner_kwargs: Any,
+) -> Plan:
+    """Plan (or take the given ``strategies``) and apply them to ``pipe``; return the applied Plan.
+
+    With ``strategies``, exactly those are applied, in a safe order. Without, the planner picks the
+    fastest plan that fits ``vram``/``ram`` (default: what is free now) for the request
+    (``height``, ``width``, ``batch_size``, ...). Undo with :func:`vramkit.restore`.
+    On any failure, whatever was applied is undone before the error is raised.
+    """
+    _pipeline.check_flux_pipeline(pipe)
+    state = get_state(pipe)
+    if state is not None and any(undo is not None for _, undo in state.applied):
+        raise StrategyConflictError(
+            "This pipeline is already optimized by vramkit (plan: "
+            + ", ".join(s.strategy.name for s, _ in state.applied)
+            + "). Call vramkit.restore(pipe) first, then optimize again."
+        )
+    _pipeline.check_not_meta(pipe)
+    _pipeline.check_no_foreign_hooks(pipe)
+    if strategies is not None:
+        the_plan = plan_from_strategies(pipe, strategies)
+    else:
+        the_plan = plan(
+            pipe,
+            vram=vram,
+            ram=ram,
+            height=height,
+            width=width,
+            batch_size=batch_size,
+            max_sequence_length=max_sequence_length,
+            quality=quality,
+            device=device,
+            **planner_kwargs,
+        )
+    return _apply(pipe, the_plan)
+
+
+def plan(
+    pipe: Any,
+    *,
+    vram: int | str | None = None,
+    ram: int | str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    max_sequence_length: int | None = None,
+    quality: str = "auto",
+    device: str | None = None,
+    **planner_kwargs: Any,
+) -> Plan:
+    """The fastest plan that fits the budget for this request, without changing ``pipe``."""
+    _pipeline.check_flux_pipeline(pipe)
+    from .planner import plan_pipeline
+
+    return plan_pipeline(
+        pipe,
+        vram=vram,
+        ram=ram,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        max_sequence_length=max_sequence_length,
+        quality=quality,
+        device=device,
+        **planner_kwargs,
+    )
+
+
+def restore(pipe: Any) -> None:
+    """Undo every reversible step vramkit applied to ``pipe`` (in reverse order).
+
+    If an irreversible step was applied (fp8 storage, quantization, deleted text encoders), the
+    reversible ones are still undone, the pipeline keeps working in that form, and
+    :class:`~vramkit.errors.IrreversibleError` names the steps that remain.
+    """
+    state = get_state(pipe)
+    if state is None:
+        return
+    remaining = _undo_all(pipe, state.applied)
+    remove_call_wrapper(pipe, state)
+    state.call_hooks.clear()
+    pipe.__dict__.pop("vramkit_plan", None)
+    if not remaining:
+        set_state(pipe, None)
+        return
+    state.applied = [(step, None) for step in remaining]
+    names = [f"{s.strategy.describe()} on {s.component or 'pipeline'}" for s in remaining]
+    raise IrreversibleError(
+        "Undid every reversible step, but these cannot be undone: " + "; ".join(names)
+        + ". The pipeline still works in that form; reload it from disk to get the original weights.",
+        steps=names,
+    )
