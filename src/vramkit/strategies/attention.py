@@ -118,28 +118,50 @@ def apply_attention_slicing(pipe: Any, config: AttentionSlicing, component: str 
     return undo
 
 
+def _processors(module: torch.nn.Module) -> list[Any]:
+    procs = []
+    for m in module.modules():
+        proc = getattr(m, "processor", None)
+        if proc is not None and hasattr(proc, "_attention_backend"):
+            procs.append(proc)
+    return procs
+
+
 @register_strategy(AttentionBackend)
 def apply_attention_backend(pipe: Any, config: AttentionBackend, component: str | None) -> Undo | None:
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    # Set per processor, not through ModelMixin.set_attention_backend: that also changes diffusers'
+    # process-wide active backend, which reset_attention_backend never puts back.
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
 
     valid = [b.value for b in AttentionBackendName]
     if config.backend not in valid:
         raise InvalidRequestError(f"AttentionBackend({config.backend!r}): unknown backend; valid: {valid}.")
-    if config.backend.endswith("_hub"):
+    if "hub" in config.backend:
         raise InvalidRequestError(
             f"AttentionBackend({config.backend!r}) downloads its kernel from the Hugging Face hub at run "
             "time; vramkit never downloads. Install the kernel package and use the non-hub name."
         )
-    module = getattr(pipe, component)
+    backend = AttentionBackendName(config.backend)
     try:
-        module.set_attention_backend(config.backend)
+        _check_attention_backend_requirements(backend)
     except (ImportError, RuntimeError, ValueError) as exc:
-        module.reset_attention_backend()
         raise InvalidRequestError(
-            f"AttentionBackend({config.backend!r}) is not usable here: {exc}. Use 'native' (always available)."
+            f"AttentionBackend({config.backend!r}) is not usable here: {exc} Use 'native' (always available)."
         ) from exc
+    module = getattr(pipe, component)
+    procs = _processors(module)
+    saved = [(p, p.__dict__.get("_attention_backend", _UNSET)) for p in procs]
+    for p in procs:
+        p._attention_backend = backend
 
     def undo() -> None:
-        module.reset_attention_backend()
+        for p, old in saved:
+            if old is _UNSET:
+                p.__dict__.pop("_attention_backend", None)
+            else:
+                p._attention_backend = old
 
     return undo
+
+
+_UNSET = object()

@@ -44,6 +44,12 @@ def _remove_accelerate_hooks(module: torch.nn.Module) -> None:
     from accelerate.hooks import remove_hook_from_module
 
     remove_hook_from_module(module, recurse=True)
+    # accelerate puts the original bound ``forward`` back as an instance attribute; drop it so the
+    # module is exactly as before (forward resolved on the class).
+    for sub in module.modules():
+        bound = sub.__dict__.get("forward")
+        if bound is not None and getattr(bound, "__func__", None) is getattr(type(sub), "forward", None):
+            del sub.__dict__["forward"]
 
 
 class _OffloadAfterCall:

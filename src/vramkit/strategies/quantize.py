@@ -90,10 +90,14 @@ def _quanto(module: torch.nn.Module, weights: str) -> None:
     from optimum.quanto import freeze, qfloat8, qint8, quantize
 
     qtype = qint8 if weights == "int8" else qfloat8
+    names = {id(m): n for n, m in module.named_modules()}
 
     def one(unit: torch.nn.Module) -> None:
-        quantize(unit, weights=qtype)
-        freeze(unit)
+        # quanto replaces Linear modules by QLinear in their parent, so it must be given the root
+        # with this unit's names as the allowlist (a bare Linear cannot replace itself).
+        name = names[id(unit)]
+        quantize(module, weights=qtype, include=[name, f"{name}.*"])
+        freeze(module.get_submodule(name))
 
     _quantize_units(module, one, f"quanto {weights}")
 
@@ -140,18 +144,24 @@ def _bitsandbytes(module: torch.nn.Module, weights: str, device: torch.device) -
     _quantize_units(module, one, f"bitsandbytes {weights}")
 
 
+def _bitsandbytes_on_gpu(module: torch.nn.Module, weights: str) -> None:
+    device = next(module.parameters()).device
+    if device.type != "cuda" and torch.cuda.is_available():
+        device = torch.device("cuda")
+    _bitsandbytes(module, weights, device)
+
+
+_BACKENDS: dict[str, Callable[[torch.nn.Module, str], None]] = {
+    "torchao": _torchao,
+    "quanto": _quanto,
+    "bitsandbytes": _bitsandbytes_on_gpu,
+}
+
+
 @register_strategy(Quantize)
 def apply_quantize(pipe: Any, config: Quantize, component: str | None) -> Undo | None:
     _require(config.backend)
     module = getattr(pipe, component)
-    if config.backend == "torchao":
-        _torchao(module, config.weights)
-    elif config.backend == "quanto":
-        _quanto(module, config.weights)
-    else:
-        device = next(module.parameters()).device
-        if device.type != "cuda" and torch.cuda.is_available():
-            device = torch.device("cuda")
-        _bitsandbytes(module, config.weights, device)
+    _BACKENDS[config.backend](module, config.weights)
     logger.info("Quantize: %s weights quantized to %s with %s", component, config.weights, config.backend)
     return None

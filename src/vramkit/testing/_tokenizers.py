@@ -67,7 +67,9 @@ def clip_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=_CLIP_EOS, end_of_word_suffix=_CLIP_SUFFIX))
     # Stripping accents keeps most Latin text off the unknown token, which here is also the end token
     # (as in CLIP) and so would move the position CLIPTextModel pools from.
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.BPEDecoder(suffix=_CLIP_SUFFIX)
     tokenizer.post_processor = processors.TemplateProcessing(

@@ -1,0 +1,540 @@
+"""The block streamer: partial residency with the streamed blocks copied ahead of use.
+
+:class:`BlockStreamer` takes a module with repeated blocks and a :class:`StreamingLayout` and
+
+1. packs every streamed block into one contiguous host buffer (pinned where the layout says so),
+   releasing the block's original storage as soon as its packed copy exists;
+2. moves the rest of the module and the resident blocks to the device (resident blocks with an
+   fp8/int8/cast storage are packed on the device instead and decoded per run);
+3. allocates a ring of ``prefetch + 1`` device slots (each the size of the largest streamed block)
+   and, for encoded storages, one decode scratch;
+4. installs diffusers hooks (names prefixed ``vramkit_``): one on the module (start of a forward:
+   reclaim, prefetch, move inputs to the device) and one per streamed or decoded block (before it
+   runs: take its slot, point its parameters at the slot or decode it into the scratch; after: free
+   the slot, which immediately receives the next block).
+
+The copies are issued by a :class:`~vramkit.engine.copier.Copier`: a side CUDA stream with events on
+a GPU, or a synchronous/checking copier on CPU, so the whole mechanism (hooks, ring, packing,
+decoding) runs in CPU tests with bit-identical results.
+
+:meth:`BlockStreamer.restore` puts every parameter back as an ordinary tensor on its original device,
+with its original values (the original values of encoded tensors are kept in host memory for
+this), removes the hooks and frees the slots and pinned buffers. Parameters keep their identity
+throughout (only ``.data`` changes), so references held elsewhere stay valid.
+
+While streaming, a streamed block's parameters are views into whichever slot it last ran from:
+reading them outside the block's forward (``state_dict()``, LoRA loading, ``.to()``) gives another
+block's bytes. Inference only: autograd through streamed blocks is not supported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ..errors import InvalidRequestError, StrategyConflictError
+from .blocks import execution_order, find_block_stacks, module_tensors
+from .copier import Copier, CudaStreamCopier, SyncCopier
+from .host import HostBuffer
+from .layout import (
+    ALIGNMENT,
+    BlockLayout,
+    StreamingLayout,
+    block_tensor_map,
+    compute_layout,
+    decode_block,
+    decoded_views,
+    pack_block,
+    stored_views,
+)
+from .scheduler import RingScheduler, StreamingStats
+
+__all__ = ["BlockStreamer", "enable_block_streaming", "HOOK_ROOT", "HOOK_STREAM", "HOOK_DECODE", "streamer_of"]
+
+logger = logging.getLogger(__name__)
+
+HOOK_ROOT = "vramkit_streaming"
+HOOK_STREAM = "vramkit_stream_block"
+HOOK_DECODE = "vramkit_decode_block"
+_ATTR = "_vramkit_streamer"
+
+_Owners = list[tuple[nn.Module, str, str]]
+
+
+def streamer_of(module: nn.Module) -> BlockStreamer | None:
+    """The active :class:`BlockStreamer` of ``module``, if any."""
+    s = module.__dict__.get(_ATTR)
+    return s if isinstance(s, BlockStreamer) else None
+
+
+def _assign(owners: _Owners, kind: str, tensor: torch.Tensor) -> None:
+    """Make every registration of one tensor refer to ``tensor``'s data. Parameters keep their
+    identity (``.data`` is swapped, and all owners share the one Parameter object); buffers are
+    plain tensors, so each owner's entry is replaced."""
+    if kind == "parameter":
+        owner, attr, _ = owners[0]
+        owner._parameters[attr].data = tensor  # type: ignore[union-attr]
+    else:
+        for owner, attr, _ in owners:
+            owner._buffers[attr] = tensor
+
+
+def _current(owners: _Owners, kind: str) -> torch.Tensor:
+    owner, attr, _ = owners[0]
+    t = owner._parameters[attr] if kind == "parameter" else owner._buffers[attr]
+    assert t is not None
+    return t.data if kind == "parameter" else t
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    # One element broadcast to the full shape: right shape, dtype and device, no memory.
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, tuple):
+        return type(obj)(*(_to_device(o, device) for o in obj)) if hasattr(obj, "_fields") else tuple(
+            _to_device(o, device) for o in obj
+        )
+    if isinstance(obj, list):
+        return [_to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+class BlockStreamer:
+    """Streams a module's repeated blocks through a ring of device slots (see the module docstring).
+
+    Build it with :func:`enable_block_streaming` (or construct, then :meth:`start`); undo with
+    :meth:`restore`. ``copier`` defaults to :class:`CudaStreamCopier` on CUDA devices and
+    :class:`SyncCopier` elsewhere; ``pin_method`` is passed to :class:`HostBuffer`.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layout: StreamingLayout,
+        device: str | torch.device | None = None,
+        copier: Copier | None = None,
+        pin_method: str = "register",
+    ) -> None:
+        self.module = module
+        self.layout = layout
+        self.device = _resolve_device(device)
+        self.pin_method = pin_method
+        self._cuda = self.device.type == "cuda"
+        self.copier = copier
+        self.stats = StreamingStats()
+        self.active = False
+        stacks = find_block_stacks(module)
+        if tuple((n, len(s)) for n, s in stacks) != layout.stacks:
+            raise InvalidRequestError(f"the layout was computed for stacks {layout.stacks}, not this module's")
+        self._blocks = [b for _, _, b in execution_order(stacks)]
+        self._block_ids = {id(b) for b in self._blocks}
+        self._tensors: dict[int, dict[str, tuple[str, torch.Tensor, _Owners]]] = {}
+        self._orig_devices: dict[int, dict[str, torch.device]] = {}
+        self._host: dict[int, HostBuffer] = {}
+        self._dev_bufs: dict[int, torch.Tensor] = {}
+        self._retained: dict[int, dict[str, torch.Tensor]] = {}
+        self._moved: list[tuple[_Owners, str, torch.device]] = []
+        self._slots: list[torch.Tensor] = []
+        self._scratch: torch.Tensor | None = None
+        self._scratch_views: dict[int, dict[str, torch.Tensor]] = {}
+        self._slot_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._stored: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self._pointed: dict[int, int] = {}
+        self._running_slot: dict[int, int] = {}
+        self._hooked: list[tuple[nn.Module, str, bool, bool]] = []
+        self.scheduler: RingScheduler | None = None
+        self.pinned_nbytes = 0
+        self.pageable_nbytes = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> BlockStreamer:
+        """Pack, place, allocate and hook. On any failure everything done so far is undone."""
+        if self.active or streamer_of(self.module) is not None:
+            raise StrategyConflictError(f"{type(self.module).__name__} is already streamed by vramkit.")
+        self._check_foreign_hooks()
+        try:
+            for b in self.layout.blocks:
+                self._tensors[b.position] = block_tensor_map(self._blocks[b.position])
+                self._orig_devices[b.position] = {
+                    name: t.device for name, (_, t, _) in self._tensors[b.position].items()
+                }
+            self._pack_streamed()
+            self._place_resident_and_rest()
+            self._allocate_ring()
+            self._point_all()
+            self._install_hooks()
+        except BaseException:
+            self._teardown()
+            raise
+        self.module.__dict__[_ATTR] = self
+        self.active = True
+        lay = self.layout
+        logger.info(
+            "BlockStreaming on %s: %d resident / %d streamed blocks, %d slots of %.1f MB, "
+            "%.2f GB streamed per forward (%.2f GB pinned, %.2f GB pageable), device %s",
+            type(self.module).__name__,
+            len(lay.resident_positions),
+            len(lay.streamed_positions),
+            lay.num_slots,
+            lay.slot_nbytes / 1e6,
+            lay.streamed_nbytes / 1e9,
+            self.pinned_nbytes / 1e9,
+            self.pageable_nbytes / 1e9,
+            self.device,
+        )
+        return self
+
+    def restore(self) -> None:
+        """Undo :meth:`start` exactly (see the module docstring). Safe to call twice."""
+        self._teardown()
+        self.module.__dict__.pop(_ATTR, None)
+        self.active = False
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def _check_foreign_hooks(self) -> None:
+        for name, sub in self.module.named_modules():
+            if getattr(sub, "_hf_hook", None) is not None:
+                raise StrategyConflictError(
+                    f"{type(self.module).__name__}{'.' + name if name else ''} has an accelerate hook "
+                    "(CPU offload or a device map); remove it before streaming its blocks."
+                )
+            registry = getattr(sub, "_diffusers_hook", None)
+            clashing = [h for h in registry.hooks if h.startswith("vramkit_") or "offload" in h or "layerwise_casting" in h] if registry is not None else []
+            if clashing:
+                raise StrategyConflictError(
+                    f"{type(self.module).__name__}{'.' + name if name else ''} already has offloading hooks "
+                    f"{clashing}; remove them before streaming its blocks."
+                )
+
+    def _pack_streamed(self) -> None:
+        for b in self.layout.blocks:
+            if b.resident:
+                continue
+            tensors = self._tensors[b.position]
+            data = {name: _current(owners, kind) for name, (kind, _, owners) in tensors.items()}
+            host = HostBuffer(b.nbytes, pin=b.pinned and self._cuda, method=self.pin_method)
+            try:
+                work = self.device if (self._cuda and b.encoded) else None
+                pack_block(data, b, host.tensor, work_device=work)
+                self._retain(b, data)
+            except BaseException:
+                host.release()
+                self._retained.pop(b.position, None)
+                raise
+            # Only now is the packed copy complete: from here on, restore rebuilds from it.
+            self._host[b.position] = host
+            if host.pinned:
+                self.pinned_nbytes += b.nbytes
+            else:
+                self.pageable_nbytes += b.nbytes
+            for name, (kind, _, owners) in tensors.items():
+                _assign(owners, kind, _placeholder(data[name]))
+            del data  # the block's original storage goes with the last reference
+
+    def _retain(self, b: BlockLayout, data: dict[str, torch.Tensor]) -> None:
+        """Keep the original values of lossy/cast entries in host memory, for an exact restore."""
+        kept = {e.name: data[e.name] if data[e.name].device.type == "cpu" else data[e.name].to("cpu")
+                for e in b.entries if e.codec != "raw"}
+        if kept:
+            self._retained[b.position] = kept
+
+    def _place_resident_and_rest(self) -> None:
+        for b in self.layout.blocks:
+            if not b.resident:
+                continue
+            tensors = self._tensors[b.position]
+            if b.encoded:
+                data = {name: _current(owners, kind) for name, (kind, _, owners) in tensors.items()}
+                buf = torch.empty(b.nbytes, dtype=torch.uint8, device=self.device)
+                try:
+                    pack_block(data, b, buf, work_device=self.device)
+                    self._retain(b, data)
+                except BaseException:
+                    self._retained.pop(b.position, None)
+                    raise
+                self._dev_bufs[b.position] = buf
+                for name, (kind, _, owners) in tensors.items():
+                    _assign(owners, kind, _placeholder(data[name]))
+                del data
+            else:
+                for _, (kind, _, owners) in tensors.items():
+                    self._move(owners, kind)
+        for kind, owners in self._rest_groups():
+            self._move(owners, kind)
+
+    def _rest_groups(self) -> list[tuple[str, _Owners]]:
+        """The tensors of the module outside every block, each with all its registrations."""
+        in_blocks = {id(m) for b in self._blocks for m in b.modules()}
+        groups: dict[int, tuple[str, _Owners]] = {}
+        for owner, attr, kind, t in module_tensors(self.module):
+            if id(owner) in in_blocks:
+                continue
+            groups.setdefault(id(t), (kind, []))[1].append((owner, attr, attr))
+        return list(groups.values())
+
+    def _move(self, owners: _Owners, kind: str) -> None:
+        t = _current(owners, kind)
+        if t.device == self.device:
+            return
+        _assign(owners, kind, t.to(self.device))
+        self._moved.append((owners, kind, t.device))
+
+    def _allocate_ring(self) -> None:
+        lay = self.layout
+        order = list(lay.streamed_positions)
+        self._slots = [torch.empty(lay.slot_nbytes, dtype=torch.uint8, device=self.device) for _ in range(lay.num_slots)]
+        if lay.scratch_nbytes:
+            self._scratch = torch.empty(lay.scratch_nbytes, dtype=torch.uint8, device=self.device)
+        if self.copier is None:
+            self.copier = CudaStreamCopier(self.device, lay.num_slots) if self._cuda else SyncCopier()
+        self.scheduler = RingScheduler(order, self._slots, self._source, self.copier, self.stats)
+
+    def _source(self, pos: int) -> torch.Tensor:
+        return self._host[pos].tensor
+
+    def _point_all(self) -> None:
+        for b in self.layout.blocks:
+            tensors = self._tensors[b.position]
+            if b.encoded:
+                views = decoded_views(self._dev_bufs.get(b.position, self._scratch), self._scratch, b)
+                self._scratch_views[b.position] = views
+            elif not b.resident:
+                views = self._views_in_slot(b, 0)
+                self._pointed[b.position] = 0
+            else:
+                continue
+            for name, (kind, _, owners) in tensors.items():
+                _assign(owners, kind, views[name])
+
+    def _views_in_slot(self, b: BlockLayout, slot: int) -> dict[str, torch.Tensor]:
+        key = (b.position, slot)
+        views = self._slot_views.get(key)
+        if views is None:
+            views = decoded_views(self._slots[slot], None, b)
+            self._slot_views[key] = views
+        return views
+
+    def _stored_in(self, b: BlockLayout, slot: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        key = (b.position, -1 if slot is None else slot)
+        views = self._stored.get(key)
+        if views is None:
+            buf = self._dev_bufs[b.position] if slot is None else self._slots[slot]
+            views = stored_views(buf, b)
+            self._stored[key] = views
+        return views
+
+    def _install_hooks(self) -> None:
+        self._register(self.module, _RootHook(self), HOOK_ROOT)
+        for b in self.layout.blocks:
+            block = self._blocks[b.position]
+            if not b.resident:
+                self._register(block, _StreamHook(self, b), HOOK_STREAM)
+            elif b.encoded:
+                self._register(block, _DecodeHook(self, b), HOOK_DECODE)
+        registry = getattr(self.module, "_diffusers_hook", None)
+        if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+            registry.invalidate_child_registries_cache()
+
+    def _register(self, module: nn.Module, hook: Any, name: str) -> None:
+        had_registry = hasattr(module, "_diffusers_hook")
+        had_forward = "forward" in module.__dict__
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        self._hooked.append((module, name, had_registry, had_forward))
+
+    # --- per-block work (called from the hooks) -----------------------------------------------
+
+    def _before_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.stats.forwards += 1
+        assert self.scheduler is not None
+        self.scheduler.begin_forward()
+        return _to_device(args, self.device), _to_device(kwargs, self.device)
+
+    def _before_streamed(self, b: BlockLayout) -> None:
+        assert self.scheduler is not None
+        slot = self.scheduler.acquire(b.position)
+        if b.encoded:
+            decode_block(self._stored_in(b, slot), self._scratch_views[b.position], b)
+            # Everything the block needs is in the scratch now: the slot can take the next copy
+            # while this block computes.
+            self.scheduler.release(b.position, slot)
+            return
+        if self._pointed.get(b.position) != slot:
+            views = self._views_in_slot(b, slot)
+            for name, (kind, _, owners) in self._tensors[b.position].items():
+                _assign(owners, kind, views[name])
+            self._pointed[b.position] = slot
+        self._running_slot[b.position] = slot
+
+    def _after_streamed(self, b: BlockLayout) -> None:
+        slot = self._running_slot.pop(b.position, None)
+        if slot is not None and self.scheduler is not None:
+            self.scheduler.release(b.position, slot)
+
+    def _before_decoded(self, b: BlockLayout) -> None:
+        decode_block(self._stored_in(b, None), self._scratch_views[b.position], b)
+
+    # --- teardown -----------------------------------------------------------------------------
+
+    def _synchronize(self) -> None:
+        if self.copier is not None:
+            self.copier.synchronize()
+        if self._cuda and torch.cuda.is_available():
+            torch.cuda.synchronize(self.device)
+
+    def _teardown(self) -> None:
+        self._synchronize()
+        self._remove_hooks()
+        for b in self.layout.blocks:
+            pos = b.position
+            if pos in self._host:
+                self._unpack_to_original(b, self._host[pos].tensor)
+                self._host.pop(pos).release()
+            elif pos in self._dev_bufs:
+                self._unpack_to_original(b, self._dev_bufs[pos])
+                del self._dev_bufs[pos]
+        for owners, kind, device in reversed(self._moved):
+            _assign(owners, kind, _current(owners, kind).to(device))
+        self._moved.clear()
+        self._retained.clear()
+        self._slot_views.clear()
+        self._stored.clear()
+        self._scratch_views.clear()
+        self._pointed.clear()
+        self._running_slot.clear()
+        self._slots = []
+        self._scratch = None
+        self.scheduler = None
+        if self.copier is not None:
+            self.copier.close()
+        self.pinned_nbytes = self.pageable_nbytes = 0
+
+    def _unpack_to_original(self, b: BlockLayout, buffer: torch.Tensor) -> None:
+        pos = b.position
+        tensors = self._tensors[pos]
+        raw = stored_views(buffer, b)
+        retained = self._retained.get(pos, {})
+        for e in b.entries:
+            kind, _, owners = tensors[e.name]
+            device = self._orig_devices[pos][e.name]
+            if e.codec == "raw":
+                src = raw[e.name][0]
+                value = torch.empty(e.shape, dtype=e.dtype, device=device)
+                value.copy_(src)
+            else:
+                value = retained[e.name].to(device)
+            _assign(owners, kind, value)
+
+    def _remove_hooks(self) -> None:
+        for module, name, had_registry, had_forward in reversed(self._hooked):
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None:
+                continue
+            registry.remove_hook(name, recurse=False)
+            if not registry.hooks and not had_registry:
+                del module._diffusers_hook
+                # diffusers leaves the bound original ``forward`` as an instance attribute.
+                if not had_forward:
+                    module.__dict__.pop("forward", None)
+        self._hooked.clear()
+        registry = getattr(self.module, "_diffusers_hook", None)
+        if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+            registry.invalidate_child_registries_cache()
+
+    # --- reporting ----------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """Layout figures, what was actually pinned, and the counters."""
+        out = self.layout.summary()
+        out.update(
+            {
+                "device": str(self.device),
+                "pinned_nbytes_actual": self.pinned_nbytes,
+                "pageable_nbytes_actual": self.pageable_nbytes,
+                "copier": type(self.copier).__name__ if self.copier is not None else None,
+                "stats": self.stats.as_dict(),
+            }
+        )
+        return out
+
+
+class _RootHook(ModelHook):  # type: ignore[misc]
+    """Start of a forward of the streamed module: reclaim, prefetch, move inputs to the device."""
+
+    def __init__(self, streamer: BlockStreamer) -> None:
+        super().__init__()
+        self.streamer = streamer
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return self.streamer._before_forward(args, kwargs)
+
+
+class _StreamHook(ModelHook):  # type: ignore[misc]
+    """Around a streamed block: take its slot before it runs, free the slot after."""
+
+    def __init__(self, streamer: BlockStreamer, block: BlockLayout) -> None:
+        super().__init__()
+        self.streamer = streamer
+        self.block = block
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.streamer._before_streamed(self.block)
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.streamer._after_streamed(self.block)
+        return output
+
+
+class _DecodeHook(ModelHook):  # type: ignore[misc]
+    """Before a resident block stored as fp8/int8/cast: decode it into the scratch."""
+
+    def __init__(self, streamer: BlockStreamer, block: BlockLayout) -> None:
+        super().__init__()
+        self.streamer = streamer
+        self.block = block
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.streamer._before_decoded(self.block)
+        return args, kwargs
+
+
+def enable_block_streaming(
+    module: nn.Module,
+    *,
+    resident: int | Collection[int] = 0,
+    prefetch: int = 1,
+    storage: str | None = None,
+    device: str | torch.device | None = None,
+    pinned_limit: int | None = None,
+    copier: Copier | None = None,
+    pin_method: str = "register",
+    alignment: int = ALIGNMENT,
+) -> BlockStreamer:
+    """Stream ``module``'s repeated blocks onto ``device``; returns the started :class:`BlockStreamer`
+    (call its ``restore()`` to undo). ``resident`` is a count (spread evenly) or explicit positions
+    in execution order; see :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
+    layout = compute_layout(module, resident, prefetch, storage, pinned_limit, alignment)
+    return BlockStreamer(module, layout, device=device, copier=copier, pin_method=pin_method).start()

@@ -1,0 +1,178 @@
+"""The measured constants of the cost model, in one dataclass.
+
+The built-in defaults come from ``shared/flux-facts.md``: one NVIDIA H200 (PCIe gen5 x16), torch
+2.11.0+cu130, diffusers 0.42.1, full-size FLUX.1-dev with random bf16 weights. Each field says where
+it came from; "assumed" marks a figure nobody measured yet. ``benchmarks/calibrate.py`` measures them
+on a GPU and writes a JSON file that :meth:`Calibration.load` reads (``VRAMKIT_CALIBRATION`` or
+``benchmarks/results/calibration.json`` in a source checkout), so one GPU run refines the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Calibration", "DEFAULT_CALIBRATION_PATH", "CALIBRATION_ENV"]
+
+logger = logging.getLogger("vramkit")
+
+#: Environment variable naming a calibration JSON file.
+CALIBRATION_ENV = "VRAMKIT_CALIBRATION"
+#: Where a source checkout keeps the calibration written by ``benchmarks/calibrate.py``.
+DEFAULT_CALIBRATION_PATH = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "calibration.json"
+
+_MiB = 1024**2
+_GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants of the memory and time model. Sizes in bytes, times in seconds, rates per second."""
+
+    source: str = "built-in defaults: shared/flux-facts.md (NVIDIA H200, torch 2.11, diffusers 0.42.1)"
+    device_name: str = "NVIDIA H200"
+
+    # --- transfers -------------------------------------------------------------------------------
+    #: pinned host->device copy; flux-facts: 55.3 GB/s measured.
+    pinned_bandwidth: float = 55.3e9
+    #: pageable host->device (and back) for whole-module moves; flux-facts: 6-8 GB/s, and moving the
+    #: 23.8 GB transformer took 3.37 s (7.06 GB/s).
+    pageable_bandwidth: float = 7.0e9
+    #: effective rate of accelerate's leaf-level sequential offload; flux-facts: 3.17 s/step for
+    #: 23.8 GB of weights (7.5 GB/s, compute included).
+    sequential_bandwidth: float = 7.5e9
+    #: used when the pinned bandwidth of the target was not measured (stated as assumed).
+    assumed_bandwidth: float = 25e9
+
+    # --- transformer compute -------------------------------------------------------------------
+    #: effective bf16 throughput for the FLUX FLOP count; fitted to the resident bf16 steps of
+    #: flux-facts (0.179 s at 1024^2, 0.065 s at 512^2) together with ``step_overhead_s``.
+    transformer_flops_per_s: float = 752.6e12
+    #: fixed time per transformer forward (launches, norms, RoPE); same fit.
+    step_overhead_s: float = 0.0146
+    #: compute slowdown with fp8 storage (layerwise upcast); flux-facts: 0.208/0.179.
+    fp8_compute_factor: float = 1.16
+    #: compute slowdown with int8 storage streamed (dequantized per block); assumed, as fp8 plus scales.
+    int8_stream_compute_factor: float = 1.20
+    #: compute slowdown of an int8 weight-only quantized resident model (no compile); assumed from
+    #: flux-facts' quanto qfloat8 (1.62x) and torchao float8 (1.47x) figures.
+    int8_compute_factor: float = 1.45
+    #: compute slowdown of nf4 weights (bitsandbytes); assumed.
+    nf4_compute_factor: float = 1.6
+    #: compute slowdown of fp32 weights against bf16 (no TF32); assumed.
+    fp32_compute_factor: float = 8.0
+    #: smooth maximum exponent p for overlapped copy and compute, t = (c^p + s^p)^(1/p); fitted to the
+    #: streaming table of flux-facts (0.206 s at 16 GiB where c=0.179 and s=0.174; 1.0-1.02x elsewhere).
+    stream_overlap_exponent: float = 4.5
+    #: fixed time per streamed forward (events, pre-hooks); streaming table of flux-facts.
+    stream_overhead_s: float = 0.004
+    #: extra time per additional query chunk per attention layer with AttentionSlicing; assumed.
+    attention_chunk_overhead_s: float = 2.0e-5
+
+    # --- transformer memory --------------------------------------------------------------------
+    #: activation + workspace peak per token per image of one transformer forward (flash/efficient
+    #: SDPA, no N^2 term); flux-facts: resident peak 24.3 GB - 23.8 GB weights at 4608 tokens.
+    transformer_act_bytes_per_token: float = 108_000.0
+    #: bytes per attention score element when scores are materialized (math SDPA on MPS/CPU: bf16
+    #: scores, softmax and its copy); assumed.
+    attention_score_bytes: float = 6.0
+    #: whether CUDA SDPA materializes the score matrix (False: flash / memory-efficient kernels).
+    cuda_attention_materializes_scores: bool = False
+
+    # --- text encoders -------------------------------------------------------------------------
+    #: T5-XXL encode time on the GPU at 512 tokens; flux-facts: 0.03 s.
+    t5_seconds_512: float = 0.03
+    #: CLIP-L encode time; assumed.
+    clip_seconds: float = 0.005
+    #: T5 activations per token (linear part) and per token^2 (attention + position bias, fp32);
+    #: flux-facts: 9.8 GB peak incl. 9.5 GB weights at 512 tokens, split by assumption.
+    t5_act_bytes_per_token: float = 195_000.0
+    t5_act_bytes_per_token_sq: float = 768.0
+
+    # --- VAE -----------------------------------------------------------------------------------
+    #: decode activation peak per output pixel per image; flux-facts: 2.76 GB at 1024^2 and 10.4 GB
+    #: at 2048^2, less 0.17 GB of weights (2470 and 2440 B/px).
+    vae_decode_bytes_per_pixel: float = 2470.0
+    #: decode time of one 1024^2 image and its growth with pixels; flux-facts: 0.086 s at 1024^2,
+    #: 0.39 s at 2048^2 (exponent log(0.39/0.086)/log(4) = 1.09).
+    vae_decode_seconds_1mp: float = 0.086
+    vae_decode_time_exponent: float = 1.09
+    #: encode activation peak per input pixel and time per megapixel (Fill/Kontext/ControlNet); assumed.
+    vae_encode_bytes_per_pixel: float = 1600.0
+    vae_encode_seconds_1mp: float = 0.05
+    #: fixed time per decoded tile; assumed.
+    vae_tile_overhead_s: float = 0.002
+
+    # --- allocator and host --------------------------------------------------------------------
+    #: added to every predicted VRAM peak: the caching allocator's fragmentation and cuBLAS/cuDNN
+    #: workspaces (torch's ``max_memory_allocated`` does not see them); assumed.
+    allocator_reserve_bytes: int = 384 * _MiB
+    allocator_reserve_fraction: float = 0.03
+    #: resident set of the Python process with torch and CUDA loaded, before any weight; assumed.
+    host_baseline_bytes: int = int(1.5 * _GiB)
+    #: whether the pipeline batches the true-CFG negative pass with the positive one (diffusers'
+    #: FluxPipeline runs them one after the other, so activations do not double).
+    true_cfg_batched: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        """Build from a dict of fields (or ``{"calibration": {...}}`` as ``calibrate.py`` writes);
+        unknown keys are ignored with a log message, missing ones keep their defaults."""
+        if "calibration" in data and isinstance(data["calibration"], dict):
+            data = data["calibration"]
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            f = names.get(key)
+            if f is None:
+                logger.debug("calibration: ignoring unknown key %r", key)
+                continue
+            default = f.default
+            if isinstance(default, bool):
+                kwargs[key] = bool(value)
+            elif isinstance(default, int):
+                kwargs[key] = int(value)
+            elif isinstance(default, float):
+                kwargs[key] = float(value)
+            else:
+                kwargs[key] = str(value)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> Calibration:
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> Calibration:
+        """The calibration to plan with: ``path``, else ``$VRAMKIT_CALIBRATION``, else
+        ``benchmarks/results/calibration.json`` of a source checkout, else the built-in defaults.
+        A file that cannot be read is logged and the defaults are used."""
+        candidates: list[Path] = []
+        if path is not None:
+            candidates.append(Path(path))
+        elif os.environ.get(CALIBRATION_ENV):
+            candidates.append(Path(os.environ[CALIBRATION_ENV]))
+        else:
+            candidates.append(DEFAULT_CALIBRATION_PATH)
+        for candidate in candidates:
+            if not candidate.is_file():
+                if path is not None or candidate != DEFAULT_CALIBRATION_PATH:
+                    logger.warning("calibration file %s not found; using built-in defaults", candidate)
+                continue
+            try:
+                cal = cls.from_json(candidate)
+            except (OSError, ValueError, TypeError) as exc:
+                logger.warning("could not read calibration %s (%s); using built-in defaults", candidate, exc)
+                continue
+            logger.debug("calibration loaded from %s", candidate)
+            return cal
+        return cls()

@@ -1,0 +1,281 @@
+"""What the machine offers: device memory (total and free), host RAM (with container limits),
+a safe pinned-memory limit and the pinned host-to-device bandwidth.
+
+Nothing is probed at import time. The bandwidth is measured once per device name (a 256 MiB pinned
+copy, a few hundred milliseconds) and cached on disk under the user cache directory
+(``$VRAMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vramkit``, else ``~/.cache/vramkit``) in
+``bandwidth.json``; without a GPU, or when not measured, a stated default of 25 GB/s is used and
+labelled as assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DeviceProbe",
+    "probe",
+    "host_memory",
+    "measure_h2d_bandwidth",
+    "cache_dir",
+    "ASSUMED_BANDWIDTH",
+    "PINNED_FRACTION",
+]
+
+logger = logging.getLogger("vramkit")
+
+#: Host-to-device bandwidth used when none was measured (a PCIe 4.0 x16 link's practical rate).
+ASSUMED_BANDWIDTH = 25e9
+#: Share of the available host RAM considered safe to page-lock.
+PINNED_FRACTION = 0.55
+_MEASURE_BYTES = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class DeviceProbe:
+    """A snapshot of the device and the host, in bytes (bandwidth in bytes/s).
+
+    ``free_vram`` counts memory torch's caching allocator holds but does not use as free.
+    ``ram_available`` is the smaller of what the OS reports available and the container (cgroup)
+    limit minus its usage. ``bandwidth_source`` is ``"measured"``, ``"cached"`` or ``"assumed"``.
+    """
+
+    device: str
+    name: str
+    total_vram: int
+    free_vram: int
+    ram_total: int
+    ram_available: int
+    pinned_limit: int
+    h2d_bandwidth: float
+    bandwidth_source: str
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.split(":")[0] in ("cuda", "mps", "xpu") and self.total_vram > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "name": self.name,
+            "total_vram": int(self.total_vram),
+            "free_vram": int(self.free_vram),
+            "ram_total": int(self.ram_total),
+            "ram_available": int(self.ram_available),
+            "pinned_limit": int(self.pinned_limit),
+            "h2d_bandwidth": float(self.h2d_bandwidth),
+            "bandwidth_source": self.bandwidth_source,
+            "notes": list(self.notes),
+        }
+
+
+def cache_dir() -> Path:
+    """The per-user cache directory of vramkit (not created here)."""
+    override = os.environ.get("VRAMKIT_CACHE_DIR")
+    if override:
+        return Path(override)
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "vramkit" / "Cache"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vramkit"
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _cgroup_available() -> tuple[int | None, str | None]:
+    """Limit minus usage (less reclaimable page cache) of this process's memory cgroup, if limited."""
+    root = Path("/sys/fs/cgroup")
+    # cgroup v2: the process's own group, else the root of the namespace.
+    rel = None
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) == 3 and parts[0] == "0":
+                rel = parts[2].lstrip("/")
+    except OSError:
+        pass
+    v2_dirs = [root / rel] if rel else []
+    v2_dirs.append(root)
+    for d in v2_dirs:
+        limit = _read_int(d / "memory.max")
+        if limit is None:
+            continue
+        usage = _read_int(d / "memory.current") or 0
+        inactive = _stat_value(d / "memory.stat", "inactive_file")
+        return max(0, limit - max(0, usage - inactive)), f"cgroup v2 limit {limit} bytes"
+    v1 = root / "memory"
+    limit = _read_int(v1 / "memory.limit_in_bytes")
+    if limit is not None and limit < (1 << 60):
+        usage = _read_int(v1 / "memory.usage_in_bytes") or 0
+        inactive = _stat_value(v1 / "memory.stat", "total_inactive_file")
+        return max(0, limit - max(0, usage - inactive)), f"cgroup v1 limit {limit} bytes"
+    return None, None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def host_memory() -> tuple[int, int, list[str]]:
+    """``(total, available, notes)`` of host RAM, honouring a container memory limit."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    total, available = int(vm.total), int(vm.available)
+    notes: list[str] = []
+    cg_available, cg_note = _cgroup_available()
+    if cg_available is not None and cg_available < available:
+        notes.append(f"host RAM limited by the container ({cg_note})")
+        available = cg_available
+    return total, available, notes
+
+
+def _bandwidth_cache_file() -> Path:
+    return cache_dir() / "bandwidth.json"
+
+
+def _read_cached_bandwidth(name: str) -> float | None:
+    try:
+        data = json.loads(_bandwidth_cache_file().read_text())
+        value = float(data[name]["h2d_bandwidth"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if value > 0 else None
+
+
+def _write_cached_bandwidth(name: str, value: float) -> None:
+    path = _bandwidth_cache_file()
+    try:
+        data: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except ValueError:
+                data = {}
+        data[name] = {"h2d_bandwidth": value, "measured_at": time.time(), "torch": torch.__version__}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:
+        logger.debug("could not cache the bandwidth in %s: %s", path, exc)
+
+
+def measure_h2d_bandwidth(device: str | torch.device = "cuda", nbytes: int = _MEASURE_BYTES, repeats: int = 4) -> float:
+    """Pinned host-to-device copy rate in bytes/s (best of ``repeats`` copies of ``nbytes``)."""
+    dev = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    best = float("inf")
+    try:
+        dst.copy_(src, non_blocking=True)  # warm-up
+        torch.cuda.synchronize(dev)
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000.0)
+    finally:
+        del src, dst
+    return nbytes / best
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def probe(
+    device: str | torch.device | None = None, *, measure_bandwidth: bool = True, use_cache: bool = True
+) -> DeviceProbe:
+    """Probe ``device`` (default: the current CUDA device, else MPS, else the CPU) and the host.
+
+    ``measure_bandwidth=False`` never runs the copy (the cached value, else the assumed default);
+    ``use_cache=False`` ignores and overwrites the cached bandwidth.
+    """
+    dev = _resolve_device(device)
+    ram_total, ram_available, notes = host_memory()
+    pinned_limit = int(ram_available * PINNED_FRACTION)
+    notes.append(f"pinned limit = {PINNED_FRACTION:.0%} of available host RAM")
+    bandwidth, source = ASSUMED_BANDWIDTH, "assumed"
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(dev)
+        name = str(props.name)
+        free, total = torch.cuda.mem_get_info(dev)
+        cached_unused = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        free_vram = int(free + max(0, cached_unused))
+        if cached_unused > 0:
+            notes.append(f"free VRAM counts {cached_unused} bytes torch has cached but not in use")
+        total_vram = int(total)
+        cached = _read_cached_bandwidth(name) if use_cache else None
+        if cached is not None:
+            bandwidth, source = cached, "cached"
+        elif measure_bandwidth:
+            try:
+                bandwidth, source = measure_h2d_bandwidth(dev), "measured"
+                _write_cached_bandwidth(name, bandwidth)
+            except RuntimeError as exc:  # out of memory, no pinned memory
+                notes.append(f"bandwidth not measured ({exc}); assumed {ASSUMED_BANDWIDTH / 1e9:.0f} GB/s")
+    elif dev.type == "mps":
+        name = "Apple MPS"
+        total_vram = int(getattr(torch.mps, "recommended_max_memory", lambda: 0)())
+        used = int(getattr(torch.mps, "driver_allocated_memory", lambda: 0)())
+        free_vram = max(0, total_vram - used)
+        notes.append("MPS: total is the recommended max working set; memory is shared with the host")
+        notes.append("MPS: no separate host-to-device copy; bandwidth is nominal")
+    else:
+        name = "CPU (no GPU)"
+        total_vram = free_vram = 0
+        notes.append("no GPU found: nothing to plan on the GPU unless a vram budget is given")
+    if source == "assumed":
+        notes.append(f"h2d bandwidth {ASSUMED_BANDWIDTH / 1e9:.0f} GB/s is assumed, not measured")
+    return DeviceProbe(
+        device=str(dev),
+        name=name,
+        total_vram=total_vram,
+        free_vram=free_vram,
+        ram_total=ram_total,
+        ram_available=ram_available,
+        pinned_limit=pinned_limit,
+        h2d_bandwidth=float(bandwidth),
+        bandwidth_source=source,
+        notes=tuple(notes),
+    )
