@@ -65,7 +65,8 @@ def foreign_hooks(pipe: Any) -> list[str]:
             registry = getattr(sub, "_diffusers_hook", None)
             if registry is None:
                 continue
-            names = [n for n in registry.hooks if not n.startswith("vramkit")]
+            owned = getattr(registry, "_vramkit_owned", ())
+            names = [n for n in registry.hooks if not n.startswith("vramkit") and n not in owned]
             if names:
                 found.append(f"diffusers hooks {names} on {name}{'.' + sub_name if sub_name else ''} "
                              "(enable_group_offload / enable_layerwise_casting / a cache hook)")

@@ -162,8 +162,8 @@ def optimize(
             + ", ".join(s.strategy.name for s, _ in state.applied)
             + "). Call vramkit.restore(pipe) first, then optimize again."
         )
-    _pipeline.check_not_meta(pipe)
     _pipeline.check_no_foreign_hooks(pipe)
+    _pipeline.check_not_meta(pipe)
     if strategies is not None:
         the_plan = plan_from_strategies(pipe, strategies)
     else:

@@ -70,5 +70,10 @@ def apply_store_fp8(pipe: Any, config: StoreFP8, component: str | None) -> Undo 
         skip_modules_pattern="auto",
         non_blocking=True,
     )
+    # Mark diffusers' hooks as ours, so later checks don't mistake them for someone else's.
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is not None and "layerwise_casting" in registry.hooks:
+            registry._vramkit_owned = {"layerwise_casting"}
     logger.info("StoreFP8: %s weights stored as float8_e4m3fn, computed in %s", component, compute)
     return None

@@ -1,0 +1,201 @@
+"""``BlockStreaming``: keep as many of a component's repeated blocks on the GPU as the budget allows
+and stream the others from pinned host memory just ahead of use (the mechanism is
+:mod:`vramkit.engine`).
+
+Unlike diffusers' group offloading, which streams every weight every step, only the blocks that do
+not fit are copied, on a side CUDA stream, while the resident blocks compute: the step costs about
+``max(compute, streamed bytes / host-to-device bandwidth)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._state import get_state
+from ..engine import BlockStreamer, compute_layout, find_block_stacks, max_resident_for_budget
+from ..engine.layout import STORAGES
+from ..errors import InvalidRequestError, UnsupportedPipelineError
+from .base import Strategy, Undo, register_strategy
+from .configs import _components
+
+__all__ = ["BlockStreaming", "apply_block_streaming", "STREAMABLE_COMPONENTS", "NO_CUDA_REASON"]
+
+logger = logging.getLogger("vramkit")
+
+#: Components BlockStreaming knows the blocks of.
+STREAMABLE_COMPONENTS = ("transformer", "controlnet", "text_encoder_2")
+NO_CUDA_REASON = "no CUDA device: BlockStreaming is a no-op here"
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+def _optional_positive_int(owner: str, name: str, value: Any, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequestError(f"{owner}({name}={value!r}): must be None or an int >= {minimum}.")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class BlockStreaming(Strategy):
+    """Partial residency with prefetch: ``resident`` blocks stay on the GPU, the others are copied
+    in, ``prefetch`` blocks ahead, through a ring of ``prefetch + 1`` GPU slots.
+
+    - ``resident``: blocks kept on the GPU; ``None`` = as many as ``budget`` allows, or 0 when no
+      budget is given. Resident blocks are spread evenly through the execution order.
+    - ``prefetch``: blocks copied ahead (ring of ``prefetch + 1`` slots, each as big as the largest
+      streamed block).
+    - ``storage``: ``None`` keeps the weights as loaded (bit-identical output); ``"bf16"``/``"fp16"``
+      store wider floats in 16 bits; ``"fp8"`` (float8_e4m3fn) and ``"int8"`` store the Linear
+      weights of every block with one scale per output channel, upcast on the GPU per block
+      (lossy; halves the bytes on the wire and at rest).
+    - ``components``: default ``("transformer",)``; ``"controlnet"`` and ``"text_encoder_2"`` (T5)
+      are also streamable.
+    - ``device``: default ``cuda:0`` (the current CUDA device).
+    - ``budget``: bytes of GPU memory the component's weights may take (the rest of the model, the
+      resident blocks, the ring and the decode scratch; activations not included), used when
+      ``resident`` is ``None``.
+    - ``pinned_limit``: at most this many bytes of streamed blocks are page-locked; the others stay
+      in pageable memory (slower copies that block the host).
+
+    Without a CUDA device the step is a no-op. Reversible: the original weights (values, devices,
+    parameter objects) come back exactly, fp8/int8 included (their originals are kept in host RAM).
+    """
+
+    resident: int | None = None
+    prefetch: int = 1
+    storage: str | None = None
+    components: tuple[str, ...] | None = None
+    device: str | None = None
+    budget: int | None = None
+    pinned_limit: int | None = None
+
+    name: ClassVar[str] = "BlockStreaming"
+    order: ClassVar[int] = 70
+    conflicts_with: ClassVar[frozenset[str]] = frozenset({"ModelOffload", "SequentialOffload", "Quantize", "StoreFP8"})
+    default_components: ClassVar[tuple[str, ...]] = ("transformer",)
+
+    def __post_init__(self) -> None:
+        _set(self, "resident", _optional_positive_int(self.name, "resident", self.resident, 0))
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or self.prefetch < 1:
+            raise InvalidRequestError(f"BlockStreaming(prefetch={self.prefetch!r}): must be an int >= 1.")
+        storage = self.storage.lower() if isinstance(self.storage, str) else self.storage
+        if storage not in STORAGES:
+            raise InvalidRequestError(
+                f"BlockStreaming(storage={self.storage!r}): use None (as loaded), 'bf16', 'fp16', 'fp8' or 'int8'."
+            )
+        _set(self, "storage", storage)
+        comps = _components(self.components)
+        if comps is not None:
+            bad = [c for c in comps if c not in STREAMABLE_COMPONENTS]
+            if bad:
+                raise InvalidRequestError(
+                    f"BlockStreaming(components={list(comps)}): {bad} cannot be streamed; "
+                    f"use some of {list(STREAMABLE_COMPONENTS)}."
+                )
+        _set(self, "components", comps)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise InvalidRequestError(f"BlockStreaming(device={self.device!r}): not a device ({exc}).") from None
+        _set(self, "budget", _optional_positive_int(self.name, "budget", self.budget, 1))
+        _set(self, "pinned_limit", _optional_positive_int(self.name, "pinned_limit", self.pinned_limit, 0))
+
+    # --- plan-time answers --------------------------------------------------------------------
+
+    def _effective(self) -> bool:
+        """Whether the step does anything on this machine (it needs a CUDA device)."""
+        if not torch.cuda.is_available():
+            return False
+        return self.device is None or torch.device(self.device).type == "cuda"
+
+    def step_lossless(self, pipe: Any, component: str | None) -> bool:
+        if self.storage is None or not self._effective():
+            return True
+        if self.storage in ("fp8", "int8"):
+            return False
+        # bf16/fp16 only narrows floats wider than 16 bits; none means nothing changes.
+        module = getattr(pipe, component or "", None)
+        if not isinstance(module, nn.Module):
+            return False
+        return all(not p.dtype.is_floating_point or p.dtype.itemsize <= 2 for p in module.parameters())
+
+    def default_reason(self, component: str | None) -> str:
+        if not self._effective():
+            return NO_CUDA_REASON
+        how = "as many blocks as the budget allows" if self.resident is None else f"{self.resident} blocks"
+        return (
+            f"keeps {how} of {component} on the GPU and streams the others from pinned host memory "
+            f"{self.prefetch} block(s) ahead, hidden behind the resident blocks' compute"
+        )
+
+    def check(self, pipe: Any, component: str | None) -> None:
+        module = getattr(pipe, component or "", None)
+        if not isinstance(module, nn.Module):
+            raise InvalidRequestError(f"BlockStreaming: the pipeline has no model component {component!r}.")
+        for target in _targets(module):
+            if not find_block_stacks(target):
+                raise UnsupportedPipelineError(
+                    f"BlockStreaming: {component} ({type(target).__name__}) has no block stack vramkit can stream."
+                )
+
+
+def _targets(module: nn.Module) -> list[nn.Module]:
+    """The modules to stream: the component itself, or each ControlNet of a multi-ControlNet."""
+    nets = getattr(module, "nets", None)
+    if not find_block_stacks(module) and isinstance(nets, nn.ModuleList):
+        return list(nets)
+    return [module]
+
+
+def _device(config: BlockStreaming) -> torch.device:
+    if config.device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    d = torch.device(config.device)
+    return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+
+
+@register_strategy(BlockStreaming)
+def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | None) -> Undo:
+    """Stream ``component``'s blocks (see :class:`BlockStreaming`); returns the exact undo."""
+    if not config._effective():
+        logger.info("BlockStreaming on %s: %s", component, NO_CUDA_REASON)
+        return lambda: None
+    module = getattr(pipe, component or "")
+    device = _device(config)
+    streamers: list[BlockStreamer] = []
+    try:
+        for target in _targets(module):
+            if config.resident is not None:
+                layout = compute_layout(target, config.resident, config.prefetch, config.storage, config.pinned_limit)
+            elif config.budget is not None:
+                layout = max_resident_for_budget(target, config.budget, config.prefetch, config.storage, config.pinned_limit)
+            else:
+                layout = compute_layout(target, 0, config.prefetch, config.storage, config.pinned_limit)
+            streamers.append(BlockStreamer(target, layout, device=device).start())
+    except BaseException:
+        for s in reversed(streamers):
+            s.restore()
+        raise
+    state = get_state(pipe)
+    if state is not None:
+        state.placed[component or ""] = "BlockStreaming"
+    for note in (n for s in streamers for n in s.layout.notes):
+        logger.info("BlockStreaming on %s: %s", component, note)
+
+    def undo() -> None:
+        for s in reversed(streamers):
+            s.restore()
+        if state is not None:
+            state.placed.pop(component or "", None)
+
+    return undo
