@@ -28,6 +28,7 @@ class PipelineState:
     placed: dict[str, str] = field(default_factory=dict)  # component -> strategy that placed it
     original_class: type | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    recovery_remove: Any = None  # removes the recovery guards (vramkit.recovery)
 
 
 def get_state(pipe: Any) -> PipelineState | None:

@@ -10,6 +10,8 @@ from . import _pipeline
 from ._state import PipelineState, get_state, install_call_wrapper, remove_call_wrapper, set_state
 from .errors import IrreversibleError, StrategyConflictError, VramkitError
 from .plan import Plan, PlanStep
+import torch
+
 from .strategies import Strategy, get_apply_fn
 
 logger = logging.getLogger("vramkit")
@@ -145,6 +147,7 @@ def optimize(
     max_sequence_length: int | None = None,
     quality: str = "auto",
     device: str | None = None,
+    recover: bool = True,
     **planner_kwargs: Any,
 ) -> Plan:
     """Plan (or take the given ``strategies``) and apply them to ``pipe``; return the applied Plan.
@@ -153,6 +156,10 @@ def optimize(
     fastest plan that fits ``vram``/``ram`` (default: what is free now) for the request
     (``height``, ``width``, ``batch_size``, ...). Undo with :func:`vramkit.restore`.
     On any failure, whatever was applied is undone before the error is raised.
+
+    With ``recover=True`` (the default) every later pipeline call survives an out-of-memory error
+    in any component: vramkit re-plans for the memory free then, swaps the new plan in and repeats
+    the failed component call (see ``pipe.vramkit_events``). ``recover=False`` leaves OOMs to the caller.
     """
     _pipeline.check_flux_pipeline(pipe)
     state = get_state(pipe)
@@ -164,22 +171,61 @@ def optimize(
         )
     _pipeline.check_no_foreign_hooks(pipe)
     _pipeline.check_not_meta(pipe)
+    request: dict[str, Any] = dict(
+        ram=ram,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        max_sequence_length=max_sequence_length,
+        quality=quality,
+        device=device,
+        **planner_kwargs,
+    )
     if strategies is not None:
         the_plan = plan_from_strategies(pipe, strategies)
     else:
-        the_plan = plan(
-            pipe,
-            vram=vram,
-            ram=ram,
-            height=height,
-            width=width,
-            batch_size=batch_size,
-            max_sequence_length=max_sequence_length,
-            quality=quality,
-            device=device,
-            **planner_kwargs,
-        )
-    return _apply(pipe, the_plan)
+        the_plan = plan(pipe, vram=vram, **request)
+    budget: int | None = None
+    if recover and vram is not None:
+        from .memory.budget import parse_budget
+
+        budget = parse_budget(vram, total=torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None)
+    applied = _apply(pipe, the_plan)
+    if recover:
+        _install_recovery(pipe, budget, request)
+    return applied
+
+
+def _install_recovery(pipe: Any, budget: int | None, request: dict[str, Any]) -> None:
+    from .recovery import RecoveryController, install_recovery
+
+    state = get_state(pipe)
+    assert state is not None
+    controller = RecoveryController(
+        pipe=pipe,
+        replan=lambda new_budget: plan(pipe, vram=new_budget, **request),
+        swap_plan=lambda new_plan: _swap_plan(pipe, new_plan),
+        budget=budget,
+    )
+    state.recovery_remove = install_recovery(pipe, controller)
+    state.call_hooks["recovery"] = controller
+    state.events = controller.events
+    pipe.__dict__["vramkit_events"] = controller.events
+
+
+def _swap_plan(pipe: Any, new_plan: Plan) -> Plan:
+    """Undo the reversible steps of the applied plan and apply ``new_plan`` (recovery keeps its guards)."""
+    state = get_state(pipe)
+    assert state is not None
+    remaining = _undo_all(pipe, state.applied)
+    state.applied = [(step, None) for step in remaining]
+    leftovers = {(step.strategy, step.component) for step in remaining}
+    steps = [s for s in new_plan.steps if (s.strategy, s.component) not in leftovers]
+    trimmed = Plan(
+        steps=steps, predicted=new_plan.predicted, rejected=new_plan.rejected,
+        request=new_plan.request, notes=new_plan.notes,
+    )
+    return _apply(pipe, trimmed)
 
 
 def plan(
@@ -226,7 +272,11 @@ def restore(pipe: Any) -> None:
     remaining = _undo_all(pipe, state.applied)
     remove_call_wrapper(pipe, state)
     state.call_hooks.clear()
+    if state.recovery_remove is not None:
+        state.recovery_remove()
+        state.recovery_remove = None
     pipe.__dict__.pop("vramkit_plan", None)
+    pipe.__dict__.pop("vramkit_events", None)
     if not remaining:
         set_state(pipe, None)
         return

@@ -15,6 +15,7 @@ __all__ = [
     "InvalidBudgetError",
     "InvalidRequestError",
     "MissingDependencyError",
+    "OutOfMemoryError",
 ]
 
 
@@ -58,3 +59,13 @@ class InvalidRequestError(VramkitError, ValueError):
 
 class MissingDependencyError(VramkitError, ImportError):
     """An optional package a strategy needs is not installed; the message says how to install it."""
+
+
+class OutOfMemoryError(VramkitError, MemoryError):
+    """The GPU ran out of memory and recovery could not find a plan that fits what is free.
+    ``minimum_vram`` (bytes), when known, is the budget that would have worked."""
+
+    def __init__(self, message: str, minimum_vram: int | None = None, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.minimum_vram = minimum_vram
+        self.stage = stage
