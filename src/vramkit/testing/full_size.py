@@ -8,7 +8,7 @@ import torch
 
 from ..memory.architectures import MODEL_NAMES, PIPELINE_MODELS, build_architecture
 
-__all__ = ["full_size_architecture", "full_size_pipeline", "FULL_SIZE_NAMES"]
+__all__ = ["full_size_architecture", "full_size_pipeline", "full_size_flux_pipeline", "FULL_SIZE_NAMES"]
 
 #: Names :func:`full_size_architecture` accepts.
 FULL_SIZE_NAMES: tuple[str, ...] = MODEL_NAMES
@@ -45,3 +45,39 @@ def full_size_pipeline(model: str = "flux-dev", *, device: str | torch.device = 
         attr: full_size_architecture(arch, materialize=materialize, device=device, dtype=dtype)
         for attr, arch in spec.components
     }
+
+
+def _flux_scheduler() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # FLUX.1-dev's scheduler config (written out: nothing is read from the hub).
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def full_size_flux_pipeline(
+    model: str = "flux-dev", *, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16
+) -> Any:
+    """A whole diffusers pipeline of the full-size architectures (``model`` as in ``vramkit plan
+    --model``) with offline tokenizers and FLUX.1-dev's scheduler config. On ``"meta"`` it has exact
+    sizes and no memory (for planning); on a device, random weights (for GPU benchmarks)."""
+    from diffusers import FluxControlNetPipeline, FluxFillPipeline, FluxKontextPipeline, FluxPipeline
+
+    from ._tokenizers import clip_tokenizer, t5_tokenizer
+
+    spec = PIPELINE_MODELS[model]
+    comps = full_size_pipeline(model, device=device, dtype=dtype)
+    cls = {
+        "flux": FluxPipeline,
+        "fill": FluxFillPipeline,
+        "kontext": FluxKontextPipeline,
+        "controlnet": FluxControlNetPipeline,
+    }[spec.kind]
+    return cls(scheduler=_flux_scheduler(), tokenizer=clip_tokenizer(), tokenizer_2=t5_tokenizer(), **comps)

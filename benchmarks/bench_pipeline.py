@@ -1,0 +1,248 @@
+"""Whole FLUX pipelines under simulated small cards: vramkit against diffusers' built-in options.
+
+Run on the GPU machine from the repository root (one fresh process per configuration, so hooks and
+caches of one never inflate the peaks of the next):
+
+    PYTHONPATH=src:/tmp/site python3 benchmarks/bench_pipeline.py --size 1024 --budgets 8,12
+
+Each configuration builds the full-size FLUX.1-dev pipeline (T5-XXL, CLIP-L, transformer, VAE) with
+random bf16 weights on the GPU, moves it to host RAM, allocates a ballast so that
+``torch.cuda.mem_get_info()`` reports exactly the budget as free (any overshoot is a real CUDA OOM),
+applies the option, and times a 2-step and an N-step call: s/step is their difference over N-2
+steps, s/image is extrapolated to 28 steps. Peak VRAM is ``max_memory_allocated`` minus the ballast,
+peak host RAM the process RSS sampled every 50 ms. ``--tiny`` runs the same harness on the tiny CPU
+pipeline (to check the harness, not to measure). Writes ``$OUT/pipeline_<size>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import psutil
+import torch
+
+GIB = 2**30
+CONFIGS = {
+    "vramkit": "vramkit.optimize(pipe, quality='lossless')",
+    "vramkit-fp8": "vramkit.optimize(pipe, quality='auto')",
+    "diffusers-leaf-stream": "group offload, leaf level, stream",
+    "diffusers-leaf-stream-fp8": "group offload, leaf level, stream + fp8 layerwise casting",
+    "diffusers-block-stream": "group offload, block level, stream",
+    "diffusers-block-stream-fp8": "group offload, block level, stream + fp8 layerwise casting",
+    "diffusers-model-offload": "enable_model_cpu_offload",
+    "diffusers-sequential": "enable_sequential_cpu_offload",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class RssSampler:
+    def __init__(self, interval: float = 0.05) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._interval = interval
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def build(tiny: bool) -> Any:
+    if tiny:
+        from vramkit.testing import tiny_pipeline
+
+        return tiny_pipeline("flux")
+    from vramkit.testing.full_size import full_size_flux_pipeline
+
+    torch.manual_seed(0)
+    pipe = full_size_flux_pipeline("flux-dev", device="cuda", dtype=torch.bfloat16)
+    pipe.to("cpu")
+    torch.cuda.empty_cache()
+    return pipe
+
+
+def apply_config(pipe: Any, config: str, device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    if config.startswith("vramkit"):
+        import vramkit
+
+        quality = "lossless" if config == "vramkit" else "auto"
+        plan = vramkit.optimize(pipe, quality=quality, height=ARGS.size, width=ARGS.size)
+        info["plan"] = plan.to_dict()
+        info["plan_text"] = plan.explain()
+        return info
+    if config.startswith("diffusers-leaf") or config.startswith("diffusers-block"):
+        level = "leaf_level" if "leaf" in config else "block_level"
+        if config.endswith("fp8"):
+            pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        kwargs: dict[str, Any] = dict(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                      offload_type=level, use_stream=device != "cpu")
+        if level == "block_level":
+            kwargs["num_blocks_per_group"] = 1
+        from diffusers.hooks import apply_group_offloading
+
+        for name in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+            apply_group_offloading(getattr(pipe, name), **kwargs)
+        return info
+    if config == "diffusers-model-offload":
+        pipe.enable_model_cpu_offload(device=device)
+        return info
+    if config == "diffusers-sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+        return info
+    raise SystemExit(f"unknown config {config}")
+
+
+def call(pipe: Any, steps: int, tiny: bool) -> float:
+    kwargs: dict[str, Any] = dict(prompt="a red fox in the snow", num_inference_steps=steps, guidance_scale=3.5,
+                                  height=ARGS.size, width=ARGS.size, output_type="pt",
+                                  generator=torch.Generator("cpu").manual_seed(0))
+    if tiny:
+        kwargs.update(max_sequence_length=16)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    pipe(**kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_one(config: str, budget_gib: float) -> dict[str, Any]:
+    tiny = ARGS.tiny
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    result: dict[str, Any] = {"config": config, "budget_gib": budget_gib, "description": CONFIGS[config]}
+    pipe = build(tiny)
+    ballast = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        free = torch.cuda.mem_get_info()[0]
+        extra = free - int(budget_gib * GIB)
+        if extra > 0:
+            ballast = torch.empty(extra, dtype=torch.uint8, device="cuda")
+        result["free_after_ballast"] = torch.cuda.mem_get_info()[0]
+        torch.cuda.reset_peak_memory_stats()
+    ballast_bytes = ballast.numel() if ballast is not None else 0
+    with RssSampler() as rss:
+        try:
+            t0 = time.perf_counter()
+            result.update(apply_config(pipe, config, device))
+            result["apply_seconds"] = time.perf_counter() - t0
+            call(pipe, 2, tiny)  # warm-up (first-call costs: cuDNN autotune, pinning, lazy init)
+            t_lo = call(pipe, 2, tiny)
+            t_hi = call(pipe, ARGS.steps, tiny)
+            per_step = (t_hi - t_lo) / (ARGS.steps - 2)
+            result.update(status="ok", seconds_2_steps=t_lo, seconds_n_steps=t_hi, n_steps=ARGS.steps,
+                          seconds_per_step=per_step, seconds_per_image_28=t_lo + 26 * per_step)
+        except torch.OutOfMemoryError as exc:
+            result.update(status="OOM", error=str(exc).splitlines()[0][:300])
+        except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
+            result.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    result["peak_host_rss_gib"] = rss.peak / GIB
+    if device == "cuda":
+        result["peak_vram_gib"] = (torch.cuda.max_memory_allocated() - ballast_bytes) / GIB
+        result["peak_reserved_gib"] = (torch.cuda.max_memory_reserved() - ballast_bytes) / GIB
+        events = getattr(pipe, "vramkit_events", None)
+        if events:
+            result["recoveries"] = list(events)
+    return result
+
+
+def environment() -> dict[str, Any]:
+    import diffusers
+
+    env: dict[str, Any] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                           "python": platform.python_version(), "command": " ".join(sys.argv)}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+        env["total_vram_gib"] = torch.cuda.mem_get_info()[1] / GIB
+    env["host_ram_gib"] = psutil.virtual_memory().total / GIB
+    return env
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    best: dict[float, float] = {}
+    for r in results:
+        if r.get("status") == "ok" and r["config"].startswith("diffusers"):
+            b = r["budget_gib"]
+            best[b] = min(best.get(b, float("inf")), r["seconds_per_step"])
+    print(f"{'budget':>6} {'config':<28} {'status':<6} {'s/step':>7} {'s/img28':>8} {'VRAM':>6} {'RSS':>6} {'vs best diffusers':>18}")
+    for r in results:
+        ok = r.get("status") == "ok"
+        b = r["budget_gib"]
+        speed = f"{best[b] / r['seconds_per_step']:.2f}x" if ok and b in best and r["seconds_per_step"] > 0 else ""
+        print(f"{b:>6} {r['config']:<28} {r.get('status', '?'):<6} "
+              f"{r.get('seconds_per_step', float('nan')):>7.3f} {r.get('seconds_per_image_28', float('nan')):>8.2f} "
+              f"{r.get('peak_vram_gib', float('nan')):>6.2f} {r.get('peak_host_rss_gib', float('nan')):>6.1f} {speed:>18}")
+
+
+def main() -> None:
+    global ARGS
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--budgets", default="8,12")
+    p.add_argument("--configs", default="vramkit,vramkit-fp8,diffusers-leaf-stream,diffusers-leaf-stream-fp8")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
+    p.add_argument("--tiny", action="store_true", help="check the harness on the tiny CPU pipeline")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--budget", type=float, help=argparse.SUPPRESS)
+    ARGS = p.parse_args()
+    if ARGS.one:
+        print("RESULT " + json.dumps(run_one(ARGS.one, ARGS.budget)), flush=True)
+        return
+    results = []
+    env_vars = dict(os.environ)
+    for budget in [float(b) for b in ARGS.budgets.split(",")]:
+        for config in ARGS.configs.split(","):
+            log(f"budget {budget} GiB, {config}")
+            cmd = [sys.executable, __file__, "--one", config, "--budget", str(budget), "--size", str(ARGS.size),
+                   "--steps", str(ARGS.steps)] + (["--tiny"] if ARGS.tiny else [])
+            env = dict(env_vars)
+            if "block" in config:
+                env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ARGS.timeout, env=env)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if lines:
+                    results.append(json.loads(lines[-1][7:]))
+                else:
+                    results.append({"config": config, "budget_gib": budget, "status": "crashed",
+                                    "error": proc.stderr[-800:]})
+            except subprocess.TimeoutExpired:
+                results.append({"config": config, "budget_gib": budget, "status": "timeout"})
+            log(f"  -> {results[-1].get('status')} {results[-1].get('seconds_per_step', '')}")
+    out_dir = os.environ.get("OUT", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    payload = {"environment": environment(), "size": ARGS.size, "results": results}
+    path = os.path.join(out_dir, f"pipeline_{ARGS.size}{'_tiny' if ARGS.tiny else ''}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print_table(results)
+    print(f"wrote {path}")
+
+
+ARGS: argparse.Namespace
+if __name__ == "__main__":
+    main()
