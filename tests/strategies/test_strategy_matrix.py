@@ -15,6 +15,7 @@ from vramkit.strategies import (
     Precision,
     PromptCache,
     Quantize,
+    Resident,
     SequentialOffload,
     StoreFP8,
     VaeSlicing,
@@ -34,6 +35,7 @@ LOSSLESS = [
     pytest.param(AttentionBackend("native"), id="attention-backend-native"),
     pytest.param(VaeSlicing(), id="vae-slicing"),
     pytest.param(PromptCache(release="cpu"), id="prompt-cache"),
+    pytest.param(Resident(components=("text_encoder", "transformer", "vae"), device="cpu"), id="resident"),
 ]
 
 # Tolerances on the [0, 1] image of a 2-step tiny pipeline, measured on CPU and rounded up about 3x.

@@ -17,6 +17,7 @@ from .configs import (
     Precision,
     PromptCache,
     Quantize,
+    Resident,
     SequentialOffload,
     StoreFP8,
     VaeSlicing,
@@ -45,5 +46,6 @@ __all__ = [
     "VaeSlicing",
     "PromptCache",
     "GradientCheckpointing",
+    "Resident",
     "BlockStreaming",
 ]

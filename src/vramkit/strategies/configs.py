@@ -21,6 +21,7 @@ __all__ = [
     "VaeSlicing",
     "PromptCache",
     "GradientCheckpointing",
+    "Resident",
 ]
 
 ALL_MODELS = ("text_encoder", "text_encoder_2", "transformer", "controlnet", "vae", "image_encoder")
@@ -291,3 +292,23 @@ class GradientCheckpointing(Strategy):
                 f"GradientCheckpointing on {component}: the module is in eval mode, where checkpointing "
                 "saves nothing (no backward pass). Call .train() first when fine-tuning."
             )
+
+
+@dataclass(frozen=True)
+class Resident(Strategy):
+    """Keep whole components on the GPU for the entire call (the fastest place for a component
+    that fits). ``device`` defaults to the current CUDA device (the CPU on a machine without one)."""
+
+    components: tuple[str, ...] | None = None
+    device: str | None = None
+
+    name: ClassVar[str] = "Resident"
+    order: ClassVar[int] = 65
+    conflicts_with: ClassVar[frozenset[str]] = _OFFLOADS
+    default_components: ClassVar[tuple[str, ...]] = ("transformer",)
+
+    def __post_init__(self) -> None:
+        _set(self, "components", _components(self.components))
+
+    def default_reason(self, component: str | None) -> str:
+        return "fits on the GPU: no transfer at all during the call"

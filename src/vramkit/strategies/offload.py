@@ -12,7 +12,7 @@ from .._pipeline import model_components
 from .._state import get_state
 from ..errors import StrategyConflictError
 from .base import Undo, register_strategy
-from .configs import ModelOffload, SequentialOffload
+from .configs import ModelOffload, Resident, SequentialOffload
 
 logger = logging.getLogger("vramkit")
 
@@ -183,5 +183,23 @@ def apply_sequential_offload(pipe: Any, config: SequentialOffload, component: st
             put_back(name)
             if state is not None:
                 state.placed.pop(name, None)
+
+    return undo
+
+
+@register_strategy(Resident)
+def apply_resident(pipe: Any, config: Resident, component: str | None) -> Undo | None:
+    device = resolve_device(config.device)
+    module = getattr(pipe, component)
+    original = _component_device(module)
+    module.to(device)
+    state = get_state(pipe)
+    if state is not None:
+        state.placed[component] = "Resident"
+
+    def undo() -> None:
+        module.to(original)
+        if state is not None:
+            state.placed.pop(component, None)
 
     return undo
