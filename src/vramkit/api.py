@@ -53,6 +53,30 @@ def plan_from_strategies(pipe: Any, strategies: Sequence[Strategy]) -> Plan:
     return Plan(steps=steps)
 
 
+def _per_component(pipe: Any, the_plan: Plan) -> Plan:
+    """Expand planner steps that name several components in one config into one step per
+    component (how they are applied and undone), and check them for conflicts."""
+    available = list(_pipeline.model_components(pipe))
+    steps: list[PlanStep] = []
+    for step in the_plan.steps:
+        if step.component is not None or step.strategy.pipeline_wide:
+            steps.append(step)
+            continue
+        for component in step.strategy.target_components(available):
+            steps.append(
+                PlanStep(
+                    strategy=step.strategy,
+                    component=component,
+                    reason=step.reason,
+                    lossless=step.strategy.step_lossless(pipe, component) and step.lossless,
+                    reversible=step.strategy.step_reversible(pipe, component) and step.reversible,
+                )
+            )
+    _check_conflicts(steps, available)
+    the_plan.steps = steps
+    return the_plan
+
+
 def _check_conflicts(steps: list[PlanStep], available: list[str], n_existing: int = 0) -> None:
     for i, a in enumerate(steps):
         for j in range(i + 1, len(steps)):
@@ -68,7 +92,8 @@ def _check_conflicts(steps: list[PlanStep], available: list[str], n_existing: in
                     "Give each strategy once; to change it, call vramkit.restore(pipe) first."
                 )
             conflicting = b.strategy.name in a.strategy.conflicts_with or a.strategy.name in b.strategy.conflicts_with
-            both_wide = a.component is None and b.component is None
+            both_wide = (a.strategy.pipeline_wide and b.strategy.pipeline_wide
+                         and a.component is None and b.component is None)
             if conflicting and (both_wide or where_a & where_b):
                 shared = sorted(where_a & where_b) or ["the pipeline"]
                 raise StrategyConflictError(
@@ -184,7 +209,7 @@ def optimize(
     if strategies is not None:
         the_plan = plan_from_strategies(pipe, strategies)
     else:
-        the_plan = plan(pipe, vram=vram, **request)
+        the_plan = _per_component(pipe, plan(pipe, vram=vram, **request))
     budget: int | None = None
     if recover and vram is not None:
         from .memory.budget import parse_budget

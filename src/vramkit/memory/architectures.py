@@ -135,7 +135,12 @@ PIPELINE_MODELS: dict[str, PipelineModel] = {
         "FLUX.1-schnell text-to-image",
     ),
     "flux-fill": PipelineModel(
-        "flux-fill", "fill", _TEXT + (("transformer", "flux-fill"), ("vae", "vae")), 512, 50, "FLUX.1-Fill-dev inpainting"
+        "flux-fill",
+        "fill",
+        _TEXT + (("transformer", "flux-fill"), ("vae", "vae")),
+        512,
+        50,
+        "FLUX.1-Fill-dev inpainting",
     ),
     "flux-kontext": PipelineModel(
         "flux-kontext",
@@ -204,7 +209,9 @@ def _construct(family: str, config: dict[str, Any]) -> torch.nn.Module:
     raise InvalidRequestError(f"unknown architecture family {family!r}")  # pragma: no cover
 
 
-def build_architecture(name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+def build_architecture(
+    name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16
+) -> torch.nn.Module:
     """Build the full-size architecture ``name`` (one of :data:`MODEL_NAMES`) in ``dtype``.
 
     On ``"meta"`` (the default) no memory is allocated and nothing is initialized: only shapes and

@@ -34,11 +34,15 @@ _GiB = 1024**3
 class Calibration:
     """Constants of the memory and time model. Sizes in bytes, times in seconds, rates per second."""
 
-    source: str = "built-in defaults: shared/flux-facts.md (NVIDIA H200, torch 2.11, diffusers 0.42.1)"
+    source: str = (
+        "built-in defaults: shared/flux-facts.md (NVIDIA H200, torch 2.11, diffusers 0.42.1), memory figures "
+        "refined by benchmarks/calibrate.py on an H100 and an H200 (2026-11-22)"
+    )
     device_name: str = "NVIDIA H200"
 
     # --- transfers -------------------------------------------------------------------------------
-    #: pinned host->device copy; flux-facts: 55.3 GB/s measured.
+    #: pinned host->device copy of the calibration machine; flux-facts: 55.3 GB/s measured. Plans use
+    #: the target's own figure (probe, cache or ``bandwidth=``), this one is for reference.
     pinned_bandwidth: float = 55.3e9
     #: pageable host->device (and back) for whole-module moves; flux-facts: 6-8 GB/s, and moving the
     #: 23.8 GB transformer took 3.37 s (7.06 GB/s).
@@ -46,8 +50,6 @@ class Calibration:
     #: effective rate of accelerate's leaf-level sequential offload; flux-facts: 3.17 s/step for
     #: 23.8 GB of weights (7.5 GB/s, compute included).
     sequential_bandwidth: float = 7.5e9
-    #: used when the pinned bandwidth of the target was not measured (stated as assumed).
-    assumed_bandwidth: float = 25e9
 
     # --- transformer compute -------------------------------------------------------------------
     #: effective bf16 throughput for the FLUX FLOP count; fitted to the resident bf16 steps of
@@ -55,10 +57,13 @@ class Calibration:
     transformer_flops_per_s: float = 752.6e12
     #: fixed time per transformer forward (launches, norms, RoPE); same fit.
     step_overhead_s: float = 0.0146
-    #: compute slowdown with fp8 storage (layerwise upcast); flux-facts: 0.208/0.179.
-    fp8_compute_factor: float = 1.16
-    #: compute slowdown with int8 storage streamed (dequantized per block); assumed, as fp8 plus scales.
-    int8_stream_compute_factor: float = 1.20
+    #: compute slowdown with fp8 storage (diffusers' layerwise upcast, as StoreFP8); flux-facts:
+    #: 0.208/0.179 = 1.16; calibrate.py on an H200: 0.206/0.174 = 1.18 (used), H100: 1.20.
+    fp8_compute_factor: float = 1.18
+    #: rate at which the streaming engine decodes fp8/int8/cast blocks (resident ones too) into the
+    #: compute dtype each forward, in decoded bytes per second; calibrate.py: 265 GB/s on an H200,
+    #: 250 GB/s on an H100 (fp8 storage, 23.7 GB decoded per step: +0.09 s).
+    decode_bandwidth: float = 2.5e11
     #: compute slowdown of an int8 weight-only quantized resident model (no compile); assumed from
     #: flux-facts' quanto qfloat8 (1.62x) and torchao float8 (1.47x) figures.
     int8_compute_factor: float = 1.45
@@ -78,21 +83,22 @@ class Calibration:
     #: activation + workspace peak per token per image of one transformer forward (flash/efficient
     #: SDPA, no N^2 term); flux-facts: resident peak 24.3 GB - 23.8 GB weights at 4608 tokens.
     transformer_act_bytes_per_token: float = 108_000.0
-    #: bytes per attention score element when scores are materialized (math SDPA on MPS/CPU: bf16
-    #: scores, softmax and its copy); assumed.
-    attention_score_bytes: float = 6.0
+    #: bytes per attention score element when scores are materialized (math SDPA: bf16 scores, fp32
+    #: softmax, copies); calibrate.py: 4.6 GB more than flash for 24 x 4608^2 scores = 9.06.
+    attention_score_bytes: float = 9.06
     #: whether CUDA SDPA materializes the score matrix (False: flash / memory-efficient kernels).
     cuda_attention_materializes_scores: bool = False
 
     # --- text encoders -------------------------------------------------------------------------
     #: T5-XXL encode time on the GPU at 512 tokens; flux-facts: 0.03 s.
     t5_seconds_512: float = 0.03
-    #: CLIP-L encode time; assumed.
-    clip_seconds: float = 0.005
-    #: T5 activations per token (linear part) and per token^2 (attention + position bias, fp32);
-    #: flux-facts: 9.8 GB peak incl. 9.5 GB weights at 512 tokens, split by assumption.
-    t5_act_bytes_per_token: float = 195_000.0
-    t5_act_bytes_per_token_sq: float = 768.0
+    #: CLIP-L encode time; calibrate.py: 4.4 ms (H200), 8.1 ms (H100).
+    clip_seconds: float = 0.0045
+    #: T5 activations per token (linear part) and per token^2 (attention + position bias); flux-facts:
+    #: 9.8 GB peak incl. 9.5 GB weights at 512 tokens; calibrate.py: +0.11 GB at 256 tokens and
+    #: +0.24 GB at 512 (H100 and H200 alike), which these two terms reproduce.
+    t5_act_bytes_per_token: float = 377_000.0
+    t5_act_bytes_per_token_sq: float = 192.0
 
     # --- VAE -----------------------------------------------------------------------------------
     #: decode activation peak per output pixel per image; flux-facts: 2.76 GB at 1024^2 and 10.4 GB
@@ -102,17 +108,20 @@ class Calibration:
     #: 0.39 s at 2048^2 (exponent log(0.39/0.086)/log(4) = 1.09).
     vae_decode_seconds_1mp: float = 0.086
     vae_decode_time_exponent: float = 1.09
-    #: encode activation peak per input pixel and time per megapixel (Fill/Kontext/ControlNet); assumed.
-    vae_encode_bytes_per_pixel: float = 1600.0
-    vae_encode_seconds_1mp: float = 0.05
-    #: fixed time per decoded tile; assumed.
+    #: encode activation peak per input pixel and time per megapixel (Fill/Kontext/ControlNet);
+    #: calibrate.py at 1024^2: +1.61 GB (1536 B/px), 0.047 s (H200).
+    vae_encode_bytes_per_pixel: float = 1540.0
+    vae_encode_seconds_1mp: float = 0.047
+    #: fixed time per decoded tile; assumed (calibrate.py's 512 px tiles fit the model within 10%).
     vae_tile_overhead_s: float = 0.002
 
     # --- allocator and host --------------------------------------------------------------------
     #: added to every predicted VRAM peak: the caching allocator's fragmentation and cuBLAS/cuDNN
-    #: workspaces (torch's ``max_memory_allocated`` does not see them); assumed.
+    #: workspaces (torch's ``max_memory_allocated`` does not see them); assumed. Without memory
+    #: pressure calibrate.py saw reserved exceed allocated by 1-9% in transformer steps and by 60-90%
+    #: in VAE decodes (the allocator caches freed blocks; under pressure it releases them and retries).
     allocator_reserve_bytes: int = 384 * _MiB
-    allocator_reserve_fraction: float = 0.03
+    allocator_reserve_fraction: float = 0.05
     #: resident set of the Python process with torch and CUDA loaded, before any weight; assumed.
     host_baseline_bytes: int = int(1.5 * _GiB)
     #: whether the pipeline batches the true-CFG negative pass with the positive one (diffusers'

@@ -228,8 +228,17 @@ def _block_modules(module: torch.nn.Module, family: str) -> list[torch.nn.Module
 class _Tally:
     def __init__(self) -> None:
         self.v: dict[str, int] = dict.fromkeys(
-            ("float_numel", "float_bytes", "other_bytes", "fp8_numel", "fp8_loaded_bytes", "lin_numel",
-             "lin_loaded_bytes", "lin_rows", "lin_nf4_blocks"),
+            (
+                "float_numel",
+                "float_bytes",
+                "other_bytes",
+                "fp8_numel",
+                "fp8_loaded_bytes",
+                "lin_numel",
+                "lin_loaded_bytes",
+                "lin_rows",
+                "lin_nf4_blocks",
+            ),
             0,
         )
         self.scale_itemsize = 2
@@ -336,13 +345,17 @@ def image_tokens(height: int, width: int) -> int:
     return (height // 16) * (width // 16)
 
 
-def compute_factor(cal: Calibration, fmt: str, *, streamed: bool, loaded_dtype: str = "bf16") -> float:
-    """Compute slowdown of a storage format against bf16 resident weights."""
+def compute_factor(cal: Calibration, fmt: str, *, streamed: bool = False, loaded_dtype: str = "bf16") -> float:
+    """Compute slowdown of a storage format against bf16 resident weights (``fp8``: diffusers'
+    layerwise casting; ``int8``/``nf4``: weight-only quantized matmuls). Streamed blocks are decoded
+    to their loaded dtype first, so only the loaded dtype matters for them (``streamed=True``)."""
+    if streamed:
+        return cal.fp32_compute_factor if loaded_dtype == "fp32" else 1.0
     base = cal.fp32_compute_factor if (fmt == "loaded" and loaded_dtype == "fp32") else 1.0
     if fmt == "fp8":
         return cal.fp8_compute_factor
     if fmt == "int8":
-        return cal.int8_stream_compute_factor if streamed else cal.int8_compute_factor
+        return cal.int8_compute_factor
     if fmt == "nf4":
         return cal.nf4_compute_factor
     return base
@@ -355,9 +368,10 @@ def transformer_flops(sizes: ComponentSizes, batch: int, tokens: int) -> float:
 
 def transformer_compute_seconds(cal: Calibration, sizes: ComponentSizes, batch: int, tokens: int) -> float:
     """Compute time of one forward with resident bf16 weights."""
-    return cal.step_overhead_s * (sizes.layers / 57.0 if sizes.layers else 1.0) + transformer_flops(
-        sizes, batch, tokens
-    ) / cal.transformer_flops_per_s
+    return (
+        cal.step_overhead_s * (sizes.layers / 57.0 if sizes.layers else 1.0)
+        + transformer_flops(sizes, batch, tokens) / cal.transformer_flops_per_s
+    )
 
 
 def transformer_activation_bytes(
@@ -401,7 +415,9 @@ def t5_activation_bytes(cal: Calibration, sizes: ComponentSizes, seq_len: int, b
     )
 
 
-def text_encode_seconds(cal: Calibration, t5: ComponentSizes | None, clip: ComponentSizes | None, seq_len: int) -> float:
+def text_encode_seconds(
+    cal: Calibration, t5: ComponentSizes | None, clip: ComponentSizes | None, seq_len: int
+) -> float:
     """Compute time of one prompt encoding with the encoders on the GPU."""
     seconds = 0.0
     if t5 is not None:

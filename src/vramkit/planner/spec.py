@@ -81,8 +81,8 @@ class PipelineSpec:
 
 
 def nearest_valid(value: int) -> int:
-    """The multiple of 16 nearest ``value`` (at least 16, at most :data:`MAX_SIDE`)."""
-    return min(MAX_SIDE, max(16, int(round(value / 16.0)) * 16))
+    """The multiple of 16 nearest ``value`` (halves round up; at least 16, at most :data:`MAX_SIDE`)."""
+    return min(MAX_SIDE, max(16, (int(value) + 8) // 16 * 16))
 
 
 def validate_size(height: int, width: int) -> None:
@@ -130,7 +130,9 @@ class Request:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidRequestError(f"num_inference_steps={steps!r} must be an int >= 1.")
         if self.reference_tokens is not None and (
-            isinstance(self.reference_tokens, bool) or not isinstance(self.reference_tokens, int) or self.reference_tokens < 0
+            isinstance(self.reference_tokens, bool)
+            or not isinstance(self.reference_tokens, int)
+            or self.reference_tokens < 0
         ):
             raise InvalidRequestError(f"reference_tokens={self.reference_tokens!r} must be an int >= 0.")
 
@@ -221,9 +223,7 @@ def spec_from_model(model: str) -> PipelineSpec:
     try:
         pm = PIPELINE_MODELS[model]
     except KeyError:
-        raise InvalidRequestError(
-            f"unknown model {model!r}; use one of {', '.join(PIPELINE_MODELS)}."
-        ) from None
+        raise InvalidRequestError(f"unknown model {model!r}; use one of {', '.join(PIPELINE_MODELS)}.") from None
     modules = {attr: build_architecture(arch) for attr, arch in pm.components}
     return spec_from_modules(
         modules,

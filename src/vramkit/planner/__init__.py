@@ -1,0 +1,316 @@
+"""The planner: the fastest plan that fits a memory budget, as a pure function of sizes, request and
+budget (:func:`plan_for`), and for a loaded pipeline without changing it (:func:`plan_pipeline`).
+
+>>> from vramkit.planner import plan_for, spec_from_model, Request, Budget
+>>> plan = plan_for(spec_from_model("flux-dev"), Request(1024, 1024), Budget(8 << 30, 64 << 30, 32 << 30, 25e9))
+
+The cost model (see :mod:`vramkit.planner.search`): every stage's peak VRAM is what stays on the GPU
+plus that stage's weights in flight plus its activations, padded for the allocator; a step takes
+``smooth_max(compute, streamed bytes / bandwidth)``; one-off moves run at pageable speed. Constants
+come from :class:`~vramkit.memory.calibration.Calibration`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..errors import InvalidBudgetError, InvalidRequestError
+from ..memory.budget import format_bytes, parse_bandwidth, parse_budget
+from ..memory.calibration import Calibration
+from ..memory.probe import PINNED_FRACTION, DeviceProbe, probe
+from ..plan import Plan
+from .search import QUALITIES, search
+from .spec import Budget, ComponentSpec, PipelineSpec, Request, spec_from_model, spec_from_modules, validate_size
+
+__all__ = [
+    "plan_for",
+    "plan_pipeline",
+    "budget_for",
+    "default_vram_margin",
+    "spec_from_model",
+    "spec_from_modules",
+    "spec_from_pipeline",
+    "PipelineSpec",
+    "ComponentSpec",
+    "Request",
+    "Budget",
+    "QUALITIES",
+]
+
+logger = logging.getLogger("vramkit")
+
+_MiB = 1024**2
+
+
+def default_vram_margin(total_vram: int) -> int:
+    """VRAM left unplanned when the budget is what the probe finds free: 512 MiB or 3% of the
+    device, whichever is larger (other processes, the CUDA context growing, fragmentation)."""
+    return max(512 * _MiB, int(0.03 * total_vram))
+
+
+def budget_for(
+    found: DeviceProbe,
+    *,
+    vram: int | str | None = None,
+    ram: int | str | None = None,
+    bandwidth: float | str | None = None,
+    extra_ram: int = 0,
+    extra_vram: int = 0,
+) -> tuple[Budget, list[str]]:
+    """The :class:`Budget` for a probe and optional explicit ``vram``/``ram``/``bandwidth``.
+
+    Defaults: VRAM = free on the device plus ``extra_vram`` (what the pipeline to plan already holds
+    there: the plan places it anew) minus :func:`default_vram_margin`; RAM = available host RAM plus
+    ``extra_ram`` (memory this process already holds that the plan accounts for, such as the
+    pipeline's weights in host RAM); pinnable = 55% of the RAM budget; bandwidth = the probe's.
+    """
+    notes: list[str] = []
+    if vram is None:
+        margin = default_vram_margin(found.total_vram)
+        vram_b = found.free_vram + max(0, int(extra_vram)) - margin
+        held = f" + {format_bytes(extra_vram)} the pipeline holds there" if extra_vram > 0 else ""
+        notes.append(
+            f"VRAM budget: {format_bytes(found.free_vram)} free on {found.name}{held} minus a "
+            f"{format_bytes(margin)} margin = {format_bytes(vram_b)}"
+        )
+        if vram_b <= 0:
+            raise InvalidBudgetError(
+                f"only {format_bytes(found.free_vram)} is free on {found.name}, less than the "
+                f"{format_bytes(margin)} margin; free memory or pass vram= explicitly."
+            )
+    else:
+        vram_b = parse_budget(vram, total=found.total_vram or None, what="vram")
+        notes.append(f"VRAM budget: {format_bytes(vram_b)} (given)")
+    if ram is None:
+        ram_b = found.ram_available + max(0, int(extra_ram))
+        notes.append(
+            f"RAM budget: {format_bytes(found.ram_available)} available"
+            + (f" + {format_bytes(extra_ram)} this process holds" if extra_ram else "")
+            + f" = {format_bytes(ram_b)}"
+        )
+    else:
+        ram_b = parse_budget(ram, total=found.ram_total or None, what="ram")
+        notes.append(f"RAM budget: {format_bytes(ram_b)} (given)")
+    pinned = int(ram_b * PINNED_FRACTION)
+    if bandwidth is None:
+        bw, source = found.h2d_bandwidth, found.bandwidth_source
+    else:
+        bw, source = parse_bandwidth(bandwidth), "given"
+    notes.append(
+        f"pinnable host RAM {format_bytes(pinned)} ({PINNED_FRACTION:.0%} of the RAM budget); "
+        f"host-to-device bandwidth {bw / 1e9:.1f} GB/s ({source})"
+    )
+    device = found.device.split(":")[0] if found.is_gpu else "cuda"
+    return Budget(vram=vram_b, ram=ram_b, pinned=pinned, bandwidth=bw, device=device, bandwidth_source=source), notes
+
+
+def _request_record(spec: PipelineSpec, req: Request, budget: Budget, quality: str) -> dict[str, Any]:
+    return {
+        "model": spec.name,
+        "kind": spec.kind,
+        "height": req.height,
+        "width": req.width,
+        "batch_size": req.batch_size,
+        "max_sequence_length": req.max_sequence_length,
+        "num_inference_steps": req.num_inference_steps,
+        "true_cfg": req.true_cfg,
+        "quality": quality,
+        "device": budget.device,
+        "vram_budget": int(budget.vram),
+        "ram_budget": int(budget.ram),
+        "pinned_budget": int(budget.pinned),
+        "bandwidth": float(budget.bandwidth),
+        "bandwidth_source": budget.bandwidth_source,
+    }
+
+
+def plan_for(
+    components_spec: PipelineSpec | Mapping[str, torch.nn.Module],
+    request: Request | Mapping[str, Any],
+    probe_or_budget: DeviceProbe | Budget,
+    quality: str = "auto",
+    *,
+    calibration: Calibration | None = None,
+) -> Plan:
+    """The fastest plan for ``request`` on the pipeline described by ``components_spec`` within
+    ``probe_or_budget``: a pure function of its arguments (nothing is probed, moved or loaded).
+
+    ``components_spec`` is a :class:`PipelineSpec` (or modules by attribute, meta tensors fine);
+    ``request`` a :class:`Request` or its fields; ``probe_or_budget`` a :class:`Budget`, or a
+    :class:`~vramkit.memory.probe.DeviceProbe` whose free memory (minus a margin) is the budget.
+    ``quality``: ``"lossless"`` (bit-identical output) or ``"auto"`` (also fp8/int8 storage and VAE
+    tiling when they are faster or needed).
+
+    Raises :class:`~vramkit.errors.PlanInfeasibleError` (with ``minimum_vram``, the smallest budget
+    that plans) when nothing fits, :class:`~vramkit.errors.InvalidRequestError` for a bad request.
+    """
+    if quality not in QUALITIES:
+        raise InvalidRequestError(f"quality={quality!r}: use one of {QUALITIES}.")
+    spec = components_spec if isinstance(components_spec, PipelineSpec) else spec_from_modules(dict(components_spec))
+    if isinstance(request, Request):
+        req = request
+    else:
+        fields = dict(request)
+        fields.setdefault("max_sequence_length", spec.default_max_sequence_length)
+        fields.setdefault("num_inference_steps", spec.default_steps)
+        req = Request(**fields)
+    notes: list[str] = []
+    if isinstance(probe_or_budget, DeviceProbe):
+        if not probe_or_budget.is_gpu:
+            return _no_gpu_plan(spec, req, quality, probe_or_budget)
+        budget, notes = budget_for(probe_or_budget)
+    elif isinstance(probe_or_budget, Budget):
+        budget = probe_or_budget
+        for label, v in (("vram", budget.vram), ("ram", budget.ram)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidBudgetError(f"Budget.{label}={v!r} must be a positive number of bytes.")
+        if budget.bandwidth <= 0:
+            raise InvalidBudgetError(f"Budget.bandwidth={budget.bandwidth!r} must be positive (bytes/s).")
+        notes = list(budget.notes)
+    else:
+        raise InvalidBudgetError(
+            f"probe_or_budget must be a DeviceProbe or a Budget, got {type(probe_or_budget).__name__}."
+        )
+    record = _request_record(spec, req, budget, quality)
+    return search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+
+
+def _no_gpu_plan(spec: PipelineSpec, req: Request, quality: str, found: DeviceProbe) -> Plan:
+    return Plan(
+        steps=[],
+        predicted=None,
+        request={
+            "model": spec.name,
+            "height": req.height,
+            "width": req.width,
+            "batch_size": req.batch_size,
+            "quality": quality,
+            "device": found.device,
+        },
+        notes=[
+            f"no GPU found ({found.name}): nothing to place on a GPU, so the plan has no steps. "
+            "Pass vram= (e.g. vram='8GiB') to plan for a GPU anyway."
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Real pipelines
+# ------------------------------------------------------------------------------------------------
+
+
+def _pipeline_kind(pipe: Any) -> str:
+    cls = type(pipe).__name__
+    if "Fill" in cls:
+        return "fill"
+    if "Kontext" in cls:
+        return "kontext"
+    if "ControlNet" in cls:
+        return "controlnet"
+    if "Img2Img" in cls or "Inpaint" in cls:
+        return "img2img"
+    return "flux"
+
+
+def spec_from_pipeline(pipe: Any) -> PipelineSpec:
+    """The :class:`PipelineSpec` of a loaded diffusers Flux pipeline (reads shapes; changes nothing)."""
+    from .._pipeline import check_flux_pipeline, model_components
+
+    check_flux_pipeline(pipe)
+    modules = model_components(pipe)
+    sample = int(getattr(pipe, "default_sample_size", 128) or 128)
+    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    side = max(16, (sample * scale) // 16 * 16)
+    return spec_from_modules(
+        modules,
+        kind=_pipeline_kind(pipe),
+        name=type(pipe).__name__,
+        default_max_sequence_length=512,
+        default_steps=28,
+        default_height=side,
+        default_width=side,
+    )
+
+
+def _bytes_on(modules: Mapping[str, torch.nn.Module], device: str) -> int:
+    """Bytes of the modules' tensors currently on ``device`` (``"cpu"``, ``"cuda:0"``, ...)."""
+    want = torch.device(device)
+    total = 0
+    seen: set[int] = set()
+    for module in modules.values():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if t.device.type == want.type and (want.index is None or t.device.index in (None, want.index)):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def plan_pipeline(
+    pipe: Any,
+    *,
+    vram: int | str | None = None,
+    ram: int | str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    max_sequence_length: int | None = None,
+    quality: str = "auto",
+    device: str | None = None,
+    true_cfg: bool = False,
+    num_inference_steps: int = 28,
+    bandwidth: float | str | None = None,
+    calibration: Calibration | None = None,
+) -> Plan:
+    """The fastest plan for ``pipe`` and this request, without changing the pipeline.
+
+    ``vram``/``ram``: bytes or strings (``"8GiB"``, ``"8GB"``, ``"80%"`` of the device total);
+    default: what the probe finds free (minus a margin) and the available host RAM plus what the
+    pipeline already holds in host RAM. With no GPU and no ``vram``, the plan is empty (with a note);
+    with ``vram`` given it plans for a GPU anyway (bandwidth assumed unless given).
+    """
+    if quality not in QUALITIES:
+        raise InvalidRequestError(f"quality={quality!r}: use one of {QUALITIES}.")
+    spec = spec_from_pipeline(pipe)
+    h = spec.default_height if height is None else height
+    w = spec.default_width if width is None else width
+    validate_size(h, w)
+    req = Request(
+        height=h,
+        width=w,
+        batch_size=batch_size,
+        max_sequence_length=spec.default_max_sequence_length if max_sequence_length is None else max_sequence_length,
+        num_inference_steps=num_inference_steps,
+        true_cfg=bool(true_cfg),
+    )
+    found = probe(device, measure_bandwidth=bandwidth is None)
+    if not found.is_gpu and vram is None:
+        return _no_gpu_plan(spec, req, quality, found)
+    from .._pipeline import model_components
+
+    modules = model_components(pipe)
+    budget, notes = budget_for(
+        found,
+        vram=vram,
+        ram=ram,
+        bandwidth=bandwidth,
+        extra_ram=_process_rss() if ram is None else 0,
+        extra_vram=_bytes_on(modules, found.device) if (vram is None and found.is_gpu) else 0,
+    )
+    if ram is None:
+        notes.append(f"the pipeline holds {format_bytes(_bytes_on(modules, 'cpu'))} in host RAM now")
+    record = _request_record(spec, req, budget, quality)
+    return search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+
+
+def _process_rss() -> int:
+    """Resident memory of this process: the plan's RAM figure counts the whole process (weights in
+    host RAM included), so the default RAM budget is what is available plus what we already hold."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
