@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from . import errors, strategies
+from . import errors, loading, lora, strategies
 from .api import applied_plan, optimize, plan, restore
 from .plan import Plan, PlanStep, Predicted, Rejected, StagePrediction
 
@@ -30,5 +30,7 @@ __all__ = [
     "StagePrediction",
     "errors",
     "strategies",
+    "lora",
+    "loading",
     "__version__",
 ]

@@ -56,11 +56,18 @@ def _wrapped_class(cls: type) -> type:
                 hook.after_call(self)
 
     __call__.__doc__ = cls.__call__.__doc__
-    return type(
-        cls.__name__,
-        (cls,),
-        {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__, "_vramkit_wrapped": True},
-    )
+    namespace: dict[str, Any] = {
+        "__call__": __call__,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "_vramkit_wrapped": True,
+    }
+    # While vramkit owns the pipeline, diffusers' LoRA methods go through vramkit.lora, which takes
+    # offloading off while adapters change and puts it back after.
+    from .lora import pipeline_method_overrides
+
+    namespace.update(pipeline_method_overrides(cls))
+    return type(cls.__name__, (cls,), namespace)
 
 
 def install_call_wrapper(pipe: Any, state: PipelineState) -> None:

@@ -264,8 +264,10 @@ def component_sizes(name: str, module: torch.nn.Module) -> ComponentSizes:
     largest_leaf = 0
     for qual, sub in module.named_modules():
         group = tallies[owner[id(sub)]] if id(sub) in owner else rest
-        is_fp8_layer = isinstance(sub, _FP8_LAYERS) and _FP8_SKIP.search(qual) is None
-        is_linear = isinstance(sub, torch.nn.Linear)
+        # LoRA adapters are never stored in fp8 or int8 (vramkit skips them), so count them as loaded.
+        is_lora = any(part.startswith("lora_") for part in qual.split("."))
+        is_fp8_layer = isinstance(sub, _FP8_LAYERS) and _FP8_SKIP.search(qual) is None and not is_lora
+        is_linear = isinstance(sub, torch.nn.Linear) and not is_lora
         leaf_bytes = 0
         tensors: Iterable[tuple[str, torch.Tensor | None, bool]] = [
             *((n, t, True) for n, t in sub._parameters.items()),

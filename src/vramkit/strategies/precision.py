@@ -57,8 +57,16 @@ def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 @register_strategy(StoreFP8)
 def apply_store_fp8(pipe: Any, config: StoreFP8, component: str | None) -> Undo | None:
     from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
     module = getattr(pipe, component)
+    if any(
+        getattr(sub, "_diffusers_hook", None) is not None and "layerwise_casting" in sub._diffusers_hook.hooks
+        for sub in module.modules()
+    ):
+        # Already stored in fp8 (e.g. vramkit.loading.load_transformer(storage="fp8")).
+        logger.info("StoreFP8: %s already stores fp8 weights with layerwise casting; nothing to do", component)
+        return None
     dtypes = _float_dtypes(module)
     compute = torch.bfloat16 if torch.bfloat16 in dtypes or not dtypes else sorted(dtypes, key=str)[0]
     if len(dtypes) == 1:
@@ -67,13 +75,15 @@ def apply_store_fp8(pipe: Any, config: StoreFP8, component: str | None) -> Undo 
         module,
         storage_dtype=torch.float8_e4m3fn,
         compute_dtype=compute,
-        skip_modules_pattern="auto",
+        # LoRA weights stay in the compute dtype: casting them to fp8 would round the adapter itself.
+        skip_modules_pattern=tuple(DEFAULT_SKIP_MODULES_PATTERN) + (r"(^|\.)lora_",),
         non_blocking=True,
     )
     # Mark diffusers' hooks as ours, so later checks don't mistake them for someone else's.
     for sub in module.modules():
         registry = getattr(sub, "_diffusers_hook", None)
-        if registry is not None and "layerwise_casting" in registry.hooks:
-            registry._vramkit_owned = {"layerwise_casting"}
+        owned = {"layerwise_casting", "peft_autocast_disable"} & set(registry.hooks) if registry is not None else set()
+        if owned:
+            registry._vramkit_owned = owned
     logger.info("StoreFP8: %s weights stored as float8_e4m3fn, computed in %s", component, compute)
     return None

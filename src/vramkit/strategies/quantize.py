@@ -76,12 +76,16 @@ def _torchao(module: torch.nn.Module, weights: str) -> None:
 
         config = Float8WeightOnlyConfig()
 
+    def not_lora(m: torch.nn.Module, fqn: str) -> bool:
+        # LoRA adapters stay in full precision: quantizing them would round the adapter itself.
+        return isinstance(m, torch.nn.Linear) and not any(p.startswith("lora_") for p in fqn.split("."))
+
     def one(unit: torch.nn.Module) -> None:
         if isinstance(unit, torch.nn.Linear):
             wrapper = torch.nn.Sequential(unit)
-            quantize_(wrapper, config)
+            quantize_(wrapper, config, filter_fn=not_lora)
         else:
-            quantize_(unit, config)
+            quantize_(unit, config, filter_fn=not_lora)
 
     _quantize_units(module, one, f"torchao {weights}")
 
@@ -96,7 +100,7 @@ def _quanto(module: torch.nn.Module, weights: str) -> None:
         # quanto replaces Linear modules by QLinear in their parent, so it must be given the root
         # with this unit's names as the allowlist (a bare Linear cannot replace itself).
         name = names[id(unit)]
-        quantize(module, weights=qtype, include=[name, f"{name}.*"])
+        quantize(module, weights=qtype, include=[name, f"{name}.*"], exclude=["*lora_*"])
         freeze(module.get_submodule(name))
 
     _quantize_units(module, one, f"quanto {weights}")
