@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from . import errors, loading, lora, strategies
+from . import errors, loading, lora, profiling, strategies
 from .api import applied_plan, optimize, plan, restore
 from .plan import Plan, PlanStep, Predicted, Rejected, StagePrediction
+from .profiling import profile
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,7 @@ __all__ = [
     "strategies",
     "lora",
     "loading",
+    "profile",
+    "profiling",
     "__version__",
 ]

@@ -208,9 +208,27 @@ def _run_probe(args: argparse.Namespace) -> int:
 
 
 #: The subcommands, in help order. Append a Command to add one.
+def _configure_doctor(p: argparse.ArgumentParser) -> None:
+    from .profiling.doctor import add_doctor_arguments
+
+    add_doctor_arguments(p)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from .profiling.doctor import doctor_from_args
+
+    return doctor_from_args(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("plan", "plan a FLUX pipeline for a memory budget (no GPU or weights needed)", _configure_plan, _run_plan),
     Command("probe", "show the GPU, host RAM and bandwidth this machine offers", _configure_probe, _run_probe),
+    Command(
+        "doctor",
+        "check versions, GPU, free memory, pinned bandwidth and allocator settings",
+        _configure_doctor,
+        _run_doctor,
+    ),
 )
 
 

@@ -153,6 +153,12 @@ def test_bad_quality_and_budget(specs):
         plan_for(specs["flux-dev"], Request(), "8GiB")  # type: ignore[arg-type]
 
 
+def test_margin_is_a_share_of_what_is_free_not_of_the_device():
+    # 8 GiB free on a 140 GiB card: the margin must not eat half the budget (it did, on an H200).
+    b, _ = budget_for(_probe(free_gib=8, total_gib=140))
+    assert b.vram == 8 * GiB - 512 * 2**20
+
+
 def test_request_from_mapping_uses_model_defaults(specs):
     plan = plan_for(specs["flux-schnell"], {"height": 512, "width": 512}, _budget(80))
     assert plan.request["max_sequence_length"] == 256
@@ -162,7 +168,7 @@ def test_request_from_mapping_uses_model_defaults(specs):
 def test_budget_from_probe():
     found = _probe(free_gib=20, total_gib=24)
     b, notes = budget_for(found)
-    assert b.vram == 20 * GiB - default_vram_margin(24 * GiB)
+    assert b.vram == 20 * GiB - default_vram_margin(20 * GiB)
     assert b.ram == 48 * GiB and b.pinned == int(0.55 * 48 * GiB)
     assert b.bandwidth == 25e9 and b.bandwidth_source == "measured"
     assert any("margin" in n for n in notes)
@@ -174,7 +180,7 @@ def test_budget_from_probe():
 
 def test_plan_from_probe(specs):
     plan = plan_for(specs["flux-dev"], Request(), _probe(free_gib=23, total_gib=24))
-    assert plan.predicted.peak_vram <= 23 * GiB - default_vram_margin(24 * GiB)
+    assert plan.predicted.peak_vram <= 23 * GiB - default_vram_margin(23 * GiB)
     assert any("margin" in n for n in plan.notes)
 
 
@@ -195,7 +201,7 @@ def test_infeasible_message_is_helpful(specs):
 def test_default_budget_counts_what_the_pipeline_already_holds():
     found = _probe(free_gib=4, total_gib=24)
     b, notes = budget_for(found, extra_vram=10 * GiB)
-    assert b.vram == 14 * GiB - default_vram_margin(24 * GiB)
+    assert b.vram == 14 * GiB - default_vram_margin(14 * GiB)
     assert any("the pipeline holds" in n for n in notes)
     b2, _ = budget_for(found, vram="8GiB", extra_vram=10 * GiB)  # an explicit budget is the budget
     assert b2.vram == 8 * GiB

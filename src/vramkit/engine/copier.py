@@ -44,10 +44,10 @@ class Copier(ABC):
     def mark_free(self, slot: int) -> None:
         """Record that everything issued so far is all that reads ``slot``'s current contents."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - optional: copiers that copy at once need nothing
         """Wait (on the host) until every copy issued has finished."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional
         """Drop streams and events."""
 
 
@@ -108,15 +108,23 @@ class CudaStreamCopier(Copier):
 class CheckingCopier(Copier):
     """A CPU stand-in for an asynchronous copy engine that catches ordering mistakes.
 
-    - A copy is not performed when issued but only when its slot is waited on: a block that runs
-      without ``wait_ready`` sees stale bytes.
-    - A slot is "in use" from ``wait_ready`` until ``mark_free``; a copy into a slot in use raises
-      :class:`CopyOrderError` (on a GPU it would overwrite weights a running block still reads).
-    - ``poison`` fills each slot with 0xFF bytes (NaN for every float dtype) when it is first seen,
-      so reading a never-filled slot cannot look right.
+    An asynchronous copy may land any time between being issued and being waited on; the two
+    ``mode``s take the two extremes:
+
+    - ``"lazy"``: a copy is performed only when its slot is waited on, so a block that runs without
+      ``wait_ready`` (or waits on the wrong slot) sees stale bytes;
+    - ``"eager"``: a copy is performed at once, so a slot handed back too early (before the block
+      that reads it has run) is overwritten under that block.
+
+    In both modes a slot is "in use" from ``wait_ready`` until ``mark_free``, and a copy into a slot
+    in use raises :class:`CopyOrderError`. ``poison`` fills each slot with 0xFF bytes (NaN for every
+    float dtype) when first seen, so reading a never-filled slot cannot look right.
     """
 
-    def __init__(self, poison: bool = True) -> None:
+    def __init__(self, mode: str = "lazy", poison: bool = True) -> None:
+        if mode not in ("lazy", "eager"):
+            raise ValueError(f"mode must be 'lazy' or 'eager', got {mode!r}")
+        self.mode = mode
         self.poison = poison
         self.pending: dict[int, deque[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.in_use: set[int] = set()
@@ -131,8 +139,12 @@ class CheckingCopier(Copier):
             self._seen.add(slot)
             base = dst._base if dst._base is not None else dst
             base.fill_(0xFF)
-        self.pending.setdefault(slot, deque()).append((dst, src.clone()))
         self.copies += 1
+        if self.mode == "eager":
+            dst.copy_(src)
+            self.applied += 1
+            return
+        self.pending.setdefault(slot, deque()).append((dst, src.clone()))
 
     def wait_ready(self, slot: int) -> None:
         queue = self.pending.get(slot)

@@ -17,7 +17,7 @@ device, and CPU tests can check every offset. A :class:`StreamingLayout` says, f
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,8 @@ ALIGNMENT = 256
 #: Valid ``storage`` values: ``None`` (as loaded), a 16-bit float, or a lossy 8-bit code.
 STORAGES: tuple[str | None, ...] = (None, "bf16", "fp16", "fp8", "int8")
 _STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32 elements quantized at once when packing (8 Mi elements = 32 MiB per temporary).
+_QUANT_CHUNK_ELEMENTS = 1 << 23
 
 
 def _align(n: int, alignment: int) -> int:
@@ -450,7 +452,9 @@ def compute_layout(
 # --- packing and unpacking --------------------------------------------------------------------
 
 
-def _byte_view(buffer: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def _byte_view(
+    buffer: torch.Tensor, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
     return buffer[offset : offset + nbytes].view(dtype).view(shape)
 
 
@@ -473,10 +477,16 @@ def pack_block(
         if e.codec in ("raw", "cast"):
             dst.copy_(src)
             continue
-        work = src if work_device is None else src.to(work_device)
-        q, scale = _codec.quantize_rows(work, e.codec)
-        dst.copy_(q)
-        _byte_view(out, e.scale_offset, e.scale_nbytes, _codec.SCALE_DTYPE, (e.shape[0],)).copy_(scale)
+        scales = _byte_view(out, e.scale_offset, e.scale_nbytes, _codec.SCALE_DTYPE, (e.shape[0],))
+        # Rows are independent (one scale each): quantize a few MB at a time, so the fp32
+        # temporaries stay small and do not fragment a tight GPU budget.
+        step = max(1, _QUANT_CHUNK_ELEMENTS // max(1, e.shape[1]))
+        for r0 in range(0, e.shape[0], step):
+            rows = src[r0 : r0 + step]
+            work = rows if work_device is None else rows.to(work_device)
+            q, scale = _codec.quantize_rows(work, e.codec)
+            dst[r0 : r0 + step].copy_(q)
+            scales[r0 : r0 + step].copy_(scale)
 
 
 def stored_views(buffer: torch.Tensor, block: BlockLayout) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -510,14 +520,18 @@ def decode_block(
     stored: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]],
     targets: Mapping[str, torch.Tensor],
     block: BlockLayout,
+    decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, str], None] = _codec.decode_into,
 ) -> None:
-    """Decode every entry of an encoded block from its stored views into its scratch views."""
+    """Decode every entry of an encoded block from its stored views into its scratch views
+    (``decode`` has the signature of :func:`~vramkit.engine.codec.decode_into`)."""
     for e in block.entries:
         data, scale = stored[e.name]
-        _codec.decode_into(targets[e.name], data, scale, e.codec)
+        decode(targets[e.name], data, scale, e.codec)
 
 
-def unpack_block(buffer: torch.Tensor, block: BlockLayout, scratch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def unpack_block(
+    buffer: torch.Tensor, block: BlockLayout, scratch: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The block's tensors from a packed ``buffer`` (decoding into ``scratch``, allocated if needed)."""
     if block.encoded and scratch is None:
         scratch = torch.empty(block.scratch_nbytes, dtype=torch.uint8, device=buffer.device)

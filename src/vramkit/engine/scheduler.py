@@ -80,17 +80,19 @@ class StreamingStats:
 class RingScheduler:
     """Drives ``num_slots`` slots for the streamed blocks ``order`` (positions, execution order).
 
-    ``source(pos)`` gives the host uint8 buffer of a block; ``slots[k]`` the GPU uint8 buffer of
-    slot ``k``. Call :meth:`begin_forward` at the start of every forward of the module,
-    :meth:`acquire` before a streamed block runs (returns its slot) and :meth:`release` once its
-    compute has been issued.
+    ``source(pos)`` gives the host uint8 buffer of a block and ``target(pos, k)`` the device uint8
+    buffer it is copied into when it goes to slot ``k`` (a prefix of the slot, made once up front:
+    nothing is allocated or sliced inside a step). Call :meth:`begin_forward` at the start of every
+    forward of the module, :meth:`acquire` before a streamed block runs (returns its slot) and
+    :meth:`release` once its compute has been issued.
     """
 
     def __init__(
         self,
         order: Sequence[int],
-        slots: Sequence[torch.Tensor],
+        num_slots: int,
         source: Callable[[int], torch.Tensor],
+        target: Callable[[int, int], torch.Tensor],
         copier: Copier,
         stats: StreamingStats | None = None,
     ) -> None:
@@ -98,11 +100,11 @@ class RingScheduler:
             raise ValueError("streamed block order lists a block twice")
         self.order = list(order)
         self.index_of = {pos: i for i, pos in enumerate(self.order)}
-        self.slots = list(slots)
         self.source = source
+        self.target = target
         self.copier = copier
         self.stats = stats if stats is not None else StreamingStats()
-        k = len(self.slots)
+        k = int(num_slots)
         if self.order and k == 0:
             raise ValueError("streaming needs at least one slot")
         # (pos, slot) issued ahead, in expected order.
@@ -192,7 +194,7 @@ class RingScheduler:
     def _issue(self, pos: int, slot: int) -> None:
         src = self.source(pos)
         n = src.numel()
-        self.copier.copy(slot, self.slots[slot][:n], src)
+        self.copier.copy(slot, self.target(pos, slot), src)
         self.content[slot] = pos
         self.stats.copies += 1
         self.stats.bytes_copied += n

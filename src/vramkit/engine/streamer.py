@@ -34,14 +34,14 @@ from collections.abc import Collection
 from typing import Any
 
 import torch
-from torch import nn
-
 from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
 
 from ..errors import InvalidRequestError, StrategyConflictError
 from .blocks import execution_order, find_block_stacks, module_tensors
 from .copier import Copier, CudaStreamCopier, SyncCopier
 from .host import HostBuffer
+from .kernels import RowDequantizer
 from .layout import (
     ALIGNMENT,
     BlockLayout,
@@ -101,8 +101,10 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj if obj.device == device else obj.to(device)
     if isinstance(obj, tuple):
-        return type(obj)(*(_to_device(o, device) for o in obj)) if hasattr(obj, "_fields") else tuple(
-            _to_device(o, device) for o in obj
+        return (
+            type(obj)(*(_to_device(o, device) for o in obj))
+            if hasattr(obj, "_fields")
+            else tuple(_to_device(o, device) for o in obj)
         )
     if isinstance(obj, list):
         return [_to_device(o, device) for o in obj]
@@ -135,6 +137,7 @@ class BlockStreamer:
         device: str | torch.device | None = None,
         copier: Copier | None = None,
         pin_method: str = "register",
+        fused_decode: bool = True,
     ) -> None:
         self.module = module
         self.layout = layout
@@ -143,13 +146,14 @@ class BlockStreamer:
         self._cuda = self.device.type == "cuda"
         self.copier = copier
         self.stats = StreamingStats()
+        self.decoder = RowDequantizer(enabled=fused_decode)
         self.active = False
         stacks = find_block_stacks(module)
         if tuple((n, len(s)) for n, s in stacks) != layout.stacks:
             raise InvalidRequestError(f"the layout was computed for stacks {layout.stacks}, not this module's")
         self._blocks = [b for _, _, b in execution_order(stacks)]
         self._block_ids = {id(b) for b in self._blocks}
-        self._tensors: dict[int, dict[str, tuple[str, torch.Tensor, _Owners]]] = {}
+        self._tensors: dict[int, dict[str, tuple[str, _Owners]]] = {}
         self._orig_devices: dict[int, dict[str, torch.device]] = {}
         self._host: dict[int, HostBuffer] = {}
         self._dev_bufs: dict[int, torch.Tensor] = {}
@@ -160,6 +164,7 @@ class BlockStreamer:
         self._scratch_views: dict[int, dict[str, torch.Tensor]] = {}
         self._slot_views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._stored: dict[tuple[int, int], dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self._dst: dict[tuple[int, int], torch.Tensor] = {}
         self._pointed: dict[int, int] = {}
         self._running_slot: dict[int, int] = {}
         self._hooked: list[tuple[nn.Module, str, bool, bool]] = []
@@ -176,18 +181,26 @@ class BlockStreamer:
         self._check_foreign_hooks()
         try:
             for b in self.layout.blocks:
-                self._tensors[b.position] = block_tensor_map(self._blocks[b.position])
-                self._orig_devices[b.position] = {
-                    name: t.device for name, (_, t, _) in self._tensors[b.position].items()
-                }
+                found = block_tensor_map(self._blocks[b.position])
+                self._orig_devices[b.position] = {name: t.device for name, (_, t, _) in found.items()}
+                # Keep how to reach each tensor, not the tensor: holding a buffer here would keep
+                # its original storage alive after packing.
+                self._tensors[b.position] = {name: (kind, owners) for name, (kind, _, owners) in found.items()}
+                del found
             self._pack_streamed()
-            self._place_resident_and_rest()
+            # The big fixed buffers first, while the budget is still unfragmented.
             self._allocate_ring()
+            self._place_resident_and_rest()
             self._point_all()
             self._install_hooks()
         except BaseException:
             self._teardown()
             raise
+        finally:
+            if self._cuda:
+                # Packing may have left temporaries (fp8/int8 quantization on the GPU) in the
+                # caching allocator: hand them back so activations get the memory in one piece.
+                torch.cuda.empty_cache()
         self.module.__dict__[_ATTR] = self
         self.active = True
         lay = self.layout
@@ -222,7 +235,11 @@ class BlockStreamer:
                     "(CPU offload or a device map); remove it before streaming its blocks."
                 )
             registry = getattr(sub, "_diffusers_hook", None)
-            clashing = [h for h in registry.hooks if h.startswith("vramkit_") or "offload" in h or "layerwise_casting" in h] if registry is not None else []
+            clashing = (
+                [h for h in registry.hooks if h.startswith("vramkit_") or "offload" in h or "layerwise_casting" in h]
+                if registry is not None
+                else []
+            )
             if clashing:
                 raise StrategyConflictError(
                     f"{type(self.module).__name__}{'.' + name if name else ''} already has offloading hooks "
@@ -234,7 +251,7 @@ class BlockStreamer:
             if b.resident:
                 continue
             tensors = self._tensors[b.position]
-            data = {name: _current(owners, kind) for name, (kind, _, owners) in tensors.items()}
+            data = {name: _current(owners, kind) for name, (kind, owners) in tensors.items()}
             host = HostBuffer(b.nbytes, pin=b.pinned and self._cuda, method=self.pin_method)
             try:
                 work = self.device if (self._cuda and b.encoded) else None
@@ -250,14 +267,17 @@ class BlockStreamer:
                 self.pinned_nbytes += b.nbytes
             else:
                 self.pageable_nbytes += b.nbytes
-            for name, (kind, _, owners) in tensors.items():
+            for name, (kind, owners) in tensors.items():
                 _assign(owners, kind, _placeholder(data[name]))
             del data  # the block's original storage goes with the last reference
 
     def _retain(self, b: BlockLayout, data: dict[str, torch.Tensor]) -> None:
         """Keep the original values of lossy/cast entries in host memory, for an exact restore."""
-        kept = {e.name: data[e.name] if data[e.name].device.type == "cpu" else data[e.name].to("cpu")
-                for e in b.entries if e.codec != "raw"}
+        kept = {
+            e.name: data[e.name] if data[e.name].device.type == "cpu" else data[e.name].to("cpu")
+            for e in b.entries
+            if e.codec != "raw"
+        }
         if kept:
             self._retained[b.position] = kept
 
@@ -267,7 +287,7 @@ class BlockStreamer:
                 continue
             tensors = self._tensors[b.position]
             if b.encoded:
-                data = {name: _current(owners, kind) for name, (kind, _, owners) in tensors.items()}
+                data = {name: _current(owners, kind) for name, (kind, owners) in tensors.items()}
                 buf = torch.empty(b.nbytes, dtype=torch.uint8, device=self.device)
                 try:
                     pack_block(data, b, buf, work_device=self.device)
@@ -276,11 +296,11 @@ class BlockStreamer:
                     self._retained.pop(b.position, None)
                     raise
                 self._dev_bufs[b.position] = buf
-                for name, (kind, _, owners) in tensors.items():
+                for name, (kind, owners) in tensors.items():
                     _assign(owners, kind, _placeholder(data[name]))
                 del data
             else:
-                for _, (kind, _, owners) in tensors.items():
+                for _, (kind, owners) in tensors.items():
                     self._move(owners, kind)
         for kind, owners in self._rest_groups():
             self._move(owners, kind)
@@ -305,17 +325,35 @@ class BlockStreamer:
     def _allocate_ring(self) -> None:
         lay = self.layout
         order = list(lay.streamed_positions)
-        self._slots = [torch.empty(lay.slot_nbytes, dtype=torch.uint8, device=self.device) for _ in range(lay.num_slots)]
+        self._slots = [
+            torch.empty(lay.slot_nbytes, dtype=torch.uint8, device=self.device) for _ in range(lay.num_slots)
+        ]
         if lay.scratch_nbytes:
             self._scratch = torch.empty(lay.scratch_nbytes, dtype=torch.uint8, device=self.device)
         if self.copier is None:
             self.copier = CudaStreamCopier(self.device, lay.num_slots) if self._cuda else SyncCopier()
-        self.scheduler = RingScheduler(order, self._slots, self._source, self.copier, self.stats)
+        self.scheduler = RingScheduler(order, lay.num_slots, self._source, self._target, self.copier, self.stats)
 
     def _source(self, pos: int) -> torch.Tensor:
         return self._host[pos].tensor
 
+    def _target(self, pos: int, slot: int) -> torch.Tensor:
+        return self._dst[(pos, slot)]
+
     def _point_all(self) -> None:
+        # Every view the hooks will need is made here, once, outside any inference_mode: the
+        # hooks only look them up (no tensor is created or sliced inside a step).
+        for b in self.layout.blocks:
+            if b.resident:
+                if b.encoded:
+                    self._stored_in(b, None)
+                continue
+            for k in range(len(self._slots)):
+                self._dst[(b.position, k)] = self._slots[k][: b.nbytes]
+                if b.encoded:
+                    self._stored_in(b, k)
+                else:
+                    self._views_in_slot(b, k)
         for b in self.layout.blocks:
             tensors = self._tensors[b.position]
             if b.encoded:
@@ -326,7 +364,7 @@ class BlockStreamer:
                 self._pointed[b.position] = 0
             else:
                 continue
-            for name, (kind, _, owners) in tensors.items():
+            for name, (kind, owners) in tensors.items():
                 _assign(owners, kind, views[name])
 
     def _views_in_slot(self, b: BlockLayout, slot: int) -> dict[str, torch.Tensor]:
@@ -376,14 +414,14 @@ class BlockStreamer:
         assert self.scheduler is not None
         slot = self.scheduler.acquire(b.position)
         if b.encoded:
-            decode_block(self._stored_in(b, slot), self._scratch_views[b.position], b)
+            decode_block(self._stored_in(b, slot), self._scratch_views[b.position], b, self.decoder)
             # Everything the block needs is in the scratch now: the slot can take the next copy
             # while this block computes.
             self.scheduler.release(b.position, slot)
             return
         if self._pointed.get(b.position) != slot:
             views = self._views_in_slot(b, slot)
-            for name, (kind, _, owners) in self._tensors[b.position].items():
+            for name, (kind, owners) in self._tensors[b.position].items():
                 _assign(owners, kind, views[name])
             self._pointed[b.position] = slot
         self._running_slot[b.position] = slot
@@ -394,7 +432,7 @@ class BlockStreamer:
             self.scheduler.release(b.position, slot)
 
     def _before_decoded(self, b: BlockLayout) -> None:
-        decode_block(self._stored_in(b, None), self._scratch_views[b.position], b)
+        decode_block(self._stored_in(b, None), self._scratch_views[b.position], b, self.decoder)
 
     # --- teardown -----------------------------------------------------------------------------
 
@@ -421,6 +459,7 @@ class BlockStreamer:
         self._retained.clear()
         self._slot_views.clear()
         self._stored.clear()
+        self._dst.clear()
         self._scratch_views.clear()
         self._pointed.clear()
         self._running_slot.clear()
@@ -437,7 +476,7 @@ class BlockStreamer:
         raw = stored_views(buffer, b)
         retained = self._retained.get(pos, {})
         for e in b.entries:
-            kind, _, owners = tensors[e.name]
+            kind, owners = tensors[e.name]
             device = self._orig_devices[pos][e.name]
             if e.codec == "raw":
                 src = raw[e.name][0]
@@ -453,11 +492,14 @@ class BlockStreamer:
             if registry is None:
                 continue
             registry.remove_hook(name, recurse=False)
-            if not registry.hooks and not had_registry:
-                del module._diffusers_hook
+            if not registry.hooks:
                 # diffusers leaves the bound original ``forward`` as an instance attribute.
                 if not had_forward:
                     module.__dict__.pop("forward", None)
+                # An empty registry made by someone else (diffusers' ``cache_context`` makes
+                # one on every call) stays; one made for our hook goes.
+                if not had_registry:
+                    del module._diffusers_hook
         self._hooked.clear()
         registry = getattr(self.module, "_diffusers_hook", None)
         if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
@@ -474,6 +516,8 @@ class BlockStreamer:
                 "pinned_nbytes_actual": self.pinned_nbytes,
                 "pageable_nbytes_actual": self.pageable_nbytes,
                 "copier": type(self.copier).__name__ if self.copier is not None else None,
+                "fused_decodes": self.decoder.fused_calls,
+                "torch_decodes": self.decoder.fallback_calls,
                 "stats": self.stats.as_dict(),
             }
         )
@@ -532,9 +576,12 @@ def enable_block_streaming(
     copier: Copier | None = None,
     pin_method: str = "register",
     alignment: int = ALIGNMENT,
+    fused_decode: bool = True,
 ) -> BlockStreamer:
     """Stream ``module``'s repeated blocks onto ``device``; returns the started :class:`BlockStreamer`
     (call its ``restore()`` to undo). ``resident`` is a count (spread evenly) or explicit positions
     in execution order; see :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
     layout = compute_layout(module, resident, prefetch, storage, pinned_limit, alignment)
-    return BlockStreamer(module, layout, device=device, copier=copier, pin_method=pin_method).start()
+    return BlockStreamer(
+        module, layout, device=device, copier=copier, pin_method=pin_method, fused_decode=fused_decode
+    ).start()

@@ -46,10 +46,13 @@ logger = logging.getLogger("vramkit")
 _MiB = 1024**2
 
 
-def default_vram_margin(total_vram: int) -> int:
-    """VRAM left unplanned when the budget is what the probe finds free: 512 MiB or 3% of the
-    device, whichever is larger (other processes, the CUDA context growing, fragmentation)."""
-    return max(512 * _MiB, int(0.03 * total_vram))
+def default_vram_margin(free_vram: int) -> int:
+    """VRAM left unplanned when the budget is what the probe finds free: 512 MiB or 3% of what is
+    free, whichever is larger (other processes, the CUDA context growing, fragmentation). A share of
+    the free memory, not of the device: on a large card with 8 GiB free, 3% of the card (4 GiB on
+    an H200) would throw away half of the budget (measured: it pushed an 8 GiB plan to sequential
+    offload)."""
+    return max(512 * _MiB, int(0.03 * free_vram))
 
 
 def budget_for(
@@ -70,8 +73,9 @@ def budget_for(
     """
     notes: list[str] = []
     if vram is None:
-        margin = default_vram_margin(found.total_vram)
-        vram_b = found.free_vram + max(0, int(extra_vram)) - margin
+        usable = found.free_vram + max(0, int(extra_vram))
+        margin = default_vram_margin(usable)
+        vram_b = usable - margin
         held = f" + {format_bytes(extra_vram)} the pipeline holds there" if extra_vram > 0 else ""
         notes.append(
             f"VRAM budget: {format_bytes(found.free_vram)} free on {found.name}{held} minus a "

@@ -119,7 +119,9 @@ class BlockStreaming(Strategy):
         return self.device is None or torch.device(self.device).type == "cuda"
 
     def step_lossless(self, pipe: Any, component: str | None) -> bool:
-        if self.storage is None or not self._effective():
+        # Answered for the storage alone (not for whether this machine has CUDA), so a plan says the
+        # same thing wherever it is made.
+        if self.storage is None:
             return True
         if self.storage in ("fp8", "int8"):
             return False
@@ -178,7 +180,9 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
             if config.resident is not None:
                 layout = compute_layout(target, config.resident, config.prefetch, config.storage, config.pinned_limit)
             elif config.budget is not None:
-                layout = max_resident_for_budget(target, config.budget, config.prefetch, config.storage, config.pinned_limit)
+                layout = max_resident_for_budget(
+                    target, config.budget, config.prefetch, config.storage, config.pinned_limit
+                )
             else:
                 layout = compute_layout(target, 0, config.prefetch, config.storage, config.pinned_limit)
             streamers.append(BlockStreamer(target, layout, device=device).start())
