@@ -61,9 +61,11 @@ class Calibration:
     #: 0.208/0.179 = 1.16; calibrate.py on an H200: 0.206/0.174 = 1.18 (used), H100: 1.20.
     fp8_compute_factor: float = 1.18
     #: rate at which the streaming engine decodes fp8/int8/cast blocks (resident ones too) into the
-    #: compute dtype each forward, in decoded bytes per second; calibrate.py: 265 GB/s on an H200,
-    #: 250 GB/s on an H100 (fp8 storage, 23.7 GB decoded per step: +0.09 s).
-    decode_bandwidth: float = 2.5e11
+    #: compute dtype each forward, in decoded bytes per second. With the engine's fused Triton kernel,
+    #: benchmarks/results/streaming_1024_h200.json: fp8 all resident 0.1838 s/step vs bf16 0.1724 s,
+    #: so 23.7 GB decoded in 11.5 ms = 2.06e12 B/s on an H200 (the PyTorch fallback measured by
+    #: calibrate.py before the kernel: 265 GB/s on an H200, 250 GB/s on an H100).
+    decode_bandwidth: float = 2.0e12
     #: compute slowdown of an int8 weight-only quantized resident model (no compile); assumed from
     #: flux-facts' quanto qfloat8 (1.62x) and torchao float8 (1.47x) figures.
     int8_compute_factor: float = 1.45

@@ -88,6 +88,12 @@ def budget_for(
             )
     else:
         vram_b = parse_budget(vram, total=found.total_vram or None, what="vram")
+        if found.total_vram and vram_b > found.total_vram:
+            raise InvalidBudgetError(
+                f"vram={vram!r} is more than the {format_bytes(found.total_vram)} of {found.name}; a plan for "
+                "it would run out of memory. Give at most the device's size (or a share like '90%'), or plan "
+                "for another card without a GPU in this process (vramkit plan --vram ...)."
+            )
         notes.append(f"VRAM budget: {format_bytes(vram_b)} (given)")
     if ram is None:
         ram_b = found.ram_available + max(0, int(extra_ram))
