@@ -210,6 +210,12 @@ def optimize(
         the_plan = plan_from_strategies(pipe, strategies)
     else:
         the_plan = _per_component(pipe, plan(pipe, vram=vram, **request))
+        lossy = [f"{s.strategy.describe()} on {s.component or 'pipeline'}" for s in the_plan.steps if not s.lossless]
+        if lossy:
+            logger.warning(
+                "vramkit chose steps that change numerics (quality=%r): %s. Pass quality='lossless' for "
+                "output bit-identical to the unoptimized pipeline.", quality, "; ".join(lossy),
+            )
     budget: int | None = None
     if recover and vram is not None:
         from .memory.budget import parse_budget

@@ -122,3 +122,14 @@ def test_not_a_flux_pipeline():
         vramkit.optimize(object(), vram="8GiB")
     with pytest.raises(UnsupportedPipelineError):
         vramkit.plan(object(), vram="8GiB")
+
+
+def test_a_planned_lossy_step_is_announced(caplog):
+    pipe = tiny_pipeline("flux")  # fp32 weights: quality="auto" may choose bf16
+    with caplog.at_level("WARNING", logger="vramkit"):
+        plan = vramkit.optimize(pipe, vram="8GiB", height=32, width=32, quality="auto")
+    if plan.lossless:
+        pytest.skip("the planner chose a lossless plan for this request")
+    assert any("change numerics" in r.getMessage() for r in caplog.records)
+    lossless = tiny_pipeline("flux")
+    assert vramkit.optimize(lossless, vram="8GiB", height=32, width=32, quality="lossless").lossless
