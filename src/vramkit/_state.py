@@ -30,6 +30,21 @@ class PipelineState:
     events: list[dict[str, Any]] = field(default_factory=list)
     recovery_remove: Any = None  # removes the recovery guards (vramkit.recovery)
 
+    def _refuse_copy(self) -> None:
+        from .errors import VramkitError
+
+        raise VramkitError(
+            "An optimized pipeline cannot be copied or pickled: its undo functions belong to this one "
+            "object. Call vramkit.restore(pipe) first, copy, then optimize each copy."
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PipelineState:
+        self._refuse_copy()
+        raise AssertionError  # unreachable
+
+    def __reduce__(self) -> Any:
+        self._refuse_copy()
+
 
 def get_state(pipe: Any) -> PipelineState | None:
     return pipe.__dict__.get(STATE_ATTR)
@@ -52,7 +67,9 @@ def _wrapped_class(cls: type) -> type:
         try:
             return cls.__call__(self, *args, **kwargs)
         finally:
-            for hook in reversed(hooks):
+            # A recovery may have swapped plans mid-call: offload with the hooks registered now.
+            current = get_state(self)
+            for hook in reversed(list(current.call_hooks.values()) if current is not None else []):
                 hook.after_call(self)
 
     __call__.__doc__ = cls.__call__.__doc__

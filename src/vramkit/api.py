@@ -109,14 +109,14 @@ def applied_plan(pipe: Any) -> Plan | None:
 
 
 def _apply(pipe: Any, plan: Plan) -> Plan:
+    # Every check first: a step that cannot be applied must fail before anything changed.
+    for step in plan.steps:
+        step.strategy.check(pipe, step.component)
     state = get_state(pipe)
     fresh = state is None
     if state is None:
         state = PipelineState(plan=plan)
         set_state(pipe, state)
-    # Every check first: a step that cannot be applied must fail before anything changed.
-    for step in plan.steps:
-        step.strategy.check(pipe, step.component)
     applied: list[tuple[PlanStep, Any]] = []
     try:
         for step in plan.steps:
@@ -126,9 +126,13 @@ def _apply(pipe: Any, plan: Plan) -> Plan:
         install_call_wrapper(pipe, state)
     except BaseException as exc:
         irreversible = _undo_all(pipe, applied)
-        if fresh and not irreversible:
+        state.applied.extend((s, None) for s in irreversible)
+        if fresh and not state.applied:
             remove_call_wrapper(pipe, state)
             set_state(pipe, None)
+        else:
+            state.plan = Plan(steps=[s for s, _ in state.applied])
+            pipe.__dict__["vramkit_plan"] = state.plan
         if isinstance(exc, VramkitError) or not isinstance(exc, Exception):
             raise
         raise VramkitError(
@@ -152,9 +156,12 @@ def _apply(pipe: Any, plan: Plan) -> Plan:
 def _undo_all(pipe: Any, applied: list[tuple[PlanStep, Any]]) -> list[PlanStep]:
     """Undo steps in reverse order; return the steps that could not be undone."""
     irreversible: list[PlanStep] = []
+    frozen: set[str] = set()  # components a later irreversible step changed
     for step, undo in reversed(applied):
-        if undo is None:
+        if undo is None or (step.component is not None and step.component in frozen):
             irreversible.append(step)
+            if step.component is not None:
+                frozen.add(step.component)
             continue
         undo()
     return list(reversed(irreversible))
@@ -232,9 +239,12 @@ def _install_recovery(pipe: Any, budget: int | None, request: dict[str, Any]) ->
 
     state = get_state(pipe)
     assert state is not None
+    if state.recovery_remove is not None:  # guards of an earlier optimize() (irreversible plan)
+        state.recovery_remove()
+        state.recovery_remove = None
     controller = RecoveryController(
         pipe=pipe,
-        replan=lambda new_budget: plan(pipe, vram=new_budget, **request),
+        replan=lambda new_budget: _per_component(pipe, plan(pipe, vram=new_budget, **request)),
         swap_plan=lambda new_plan: _swap_plan(pipe, new_plan),
         budget=budget,
     )

@@ -256,7 +256,7 @@ class PromptCache(Strategy):
     max_entries: int = 32
 
     name: ClassVar[str] = "PromptCache"
-    order: ClassVar[int] = 60
+    order: ClassVar[int] = 75  # after Resident/BlockStreaming (yield to them), before ModelOffload
     pipeline_wide: ClassVar[bool] = True
     yields_to_placed: ClassVar[bool] = True
 

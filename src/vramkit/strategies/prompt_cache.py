@@ -32,12 +32,25 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _clone(value: Any) -> Any:
+def _clone(value: Any, device: Any = None) -> Any:
+    """A copy of the encode_prompt result, on ``device`` (the cache keeps its entries in host RAM,
+    where they cost no VRAM, and copies them to the execution device on a hit)."""
     if isinstance(value, torch.Tensor):
-        return value.clone()
+        return value.to(device, copy=True) if device is not None else value.clone()
     if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
+        return tuple(_clone(v, device) for v in value)
     return value
+
+
+def _result_device(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    if isinstance(value, tuple):
+        for v in value:
+            d = _result_device(v)
+            if d is not None:
+                return d
+    return None
 
 
 class PromptEmbeddingCache:
@@ -72,7 +85,10 @@ class PromptEmbeddingCache:
         if key is not None and key in self.entries:
             self.hits += 1
             self.entries.move_to_end(key)
-            return _clone(self.entries[key])
+            device, value = self.entries[key]
+            return _clone(value, device)
+        if bound.arguments.get("prompt_embeds") is not None:
+            return self.original(*args, **kwargs)  # nothing to encode: leave the encoders where they are
         if self.deleted:
             raise VramkitError(
                 "PromptCache(release='delete') dropped the text encoders and this prompt is not cached. "
@@ -87,7 +103,7 @@ class PromptEmbeddingCache:
         finally:
             self._release_encoders()
         if key is not None:
-            self.entries[key] = _clone(result)
+            self.entries[key] = (_result_device(result), _clone(result, "cpu"))
             while len(self.entries) > self.config.max_entries:
                 self.entries.popitem(last=False)
         return result
@@ -105,11 +121,24 @@ class PromptEmbeddingCache:
                 if module is not None:
                     module.to("cpu")
         else:
+            # Off the GPU now; dropped at the end of the pipeline call (a true-CFG call encodes twice).
+            for name in self.managed:
+                module = getattr(self.pipe, name, None)
+                if module is not None:
+                    module.to("cpu")
+            self.pending_delete = True
+
+    # Call hook protocol (vramkit._state)
+    def before_call(self, pipe: Any, args: Any, kwargs: Any) -> None:
+        return None
+
+    def after_call(self, pipe: Any) -> None:
+        if self.config.release == "delete" and getattr(self, "pending_delete", False) and not self.deleted:
             for name in self.managed:
                 if getattr(self.pipe, name, None) is not None:
                     self.pipe.register_modules(**{name: None})
             self.deleted = True
-            logger.info("PromptCache: text encoders deleted after the first encoding")
+            logger.info("PromptCache: text encoders deleted after the first pipeline call")
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -132,6 +161,8 @@ def apply_prompt_cache(pipe: Any, config: PromptCache, component: str | None) ->
             getattr(pipe, n).to("cpu")
     pipe.encode_prompt = cache
     if state is not None:
+        if config.release == "delete":
+            state.call_hooks["PromptCache"] = cache
         for n in managed:
             state.placed[n] = "PromptCache"
     logger.info("PromptCache: prompts encoded once; %s released to host RAM between encodings", managed)
