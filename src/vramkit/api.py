@@ -248,7 +248,8 @@ def _install_recovery(pipe: Any, budget: int | None, request: dict[str, Any]) ->
         swap_plan=lambda new_plan: _swap_plan(pipe, new_plan),
         budget=budget,
     )
-    state.recovery_remove = install_recovery(pipe, controller)
+    controller.install_guards = lambda: install_recovery(pipe, controller)
+    state.recovery_remove = controller.remove_guards
     state.call_hooks["recovery"] = controller
     state.events = controller.events
     pipe.__dict__["vramkit_events"] = controller.events

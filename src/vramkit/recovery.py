@@ -1,6 +1,6 @@
 """Recovery from out-of-memory errors during a pipeline call.
 
-Every model component's class is swapped for a same-named subclass whose ``__call__`` (and
+For the duration of each pipeline call, every model component's class is swapped for a same-named subclass whose ``__call__`` (and
 ``encode``/``decode`` for the VAE) catches an out-of-memory error, frees what it can, re-plans for
 the memory free now, swaps the new plan in, and calls the same component again with the same
 inputs. The pipeline's own state (prompt embeddings, latents of the steps already done) lives in
@@ -59,13 +59,24 @@ class RecoveryController:
     events: list[dict[str, Any]] = field(default_factory=list)
     attempts_this_call: int = 0
     depth: int = 0
+    #: installs the component guards and returns their remover (set by vramkit.api)
+    install_guards: Callable[[], Callable[[], None]] | None = None
+    _remove_guards: Callable[[], None] | None = None
 
-    # Call hook protocol (vramkit._state): a fresh retry allowance for each pipeline call.
+    # Call hook protocol (vramkit._state). The guards exist only during a pipeline call, so outside
+    # one every component has its own class (diffusers' from_pipe, pickling, torch.save work).
     def before_call(self, pipe: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.attempts_this_call = 0
+        if self._remove_guards is None and self.install_guards is not None:
+            self._remove_guards = self.install_guards()
 
     def after_call(self, pipe: Any) -> None:
-        return None
+        self.remove_guards()
+
+    def remove_guards(self) -> None:
+        if self._remove_guards is not None:
+            self._remove_guards()
+            self._remove_guards = None
 
     def _free_now(self) -> int | None:
         if torch.cuda.is_available():

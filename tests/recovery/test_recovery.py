@@ -94,12 +94,30 @@ def test_optimize_on_cpu_installs_recovery_and_restore_removes_it():
     built = type(pipe)
     plan = vramkit.optimize(pipe)
     assert plan.steps == []  # no GPU here: no GPU steps
-    assert type(pipe.transformer).__name__ == "FluxTransformer2DModel"
-    assert getattr(type(pipe.transformer), "_vramkit_recovering", False)
+    # Guards exist only during a pipeline call: outside one, every component has its own class.
+    assert not getattr(type(pipe.transformer), "_vramkit_recovering", False)
+    guarded = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda mod, args: guarded.append(getattr(type(mod), "_vramkit_recovering", False))
+    )
     inject_oom(pipe.vae.decoder, {1})
     run(pipe, "flux")
+    assert guarded and all(guarded)
+    assert type(pipe.transformer).__name__ == "FluxTransformer2DModel"
+    assert not getattr(type(pipe.transformer), "_vramkit_recovering", False)
+    pipe.transformer._forward_pre_hooks.clear()
     assert pipe.vramkit_events and pipe.vramkit_events[0]["stage"] == "vae_decode"
     vramkit.restore(pipe)
-    assert not getattr(type(pipe.transformer), "_vramkit_recovering", False)
     pipe.vae.decoder._forward_pre_hooks.clear()
     assert_no_hooks(pipe, built)
+
+
+def test_from_pipe_works_on_an_optimized_pipeline():
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = tiny_pipeline("flux")
+    vramkit.optimize(pipe, **REQUEST)
+    run(pipe, "flux")
+    other = FluxImg2ImgPipeline.from_pipe(pipe)
+    assert other.transformer is pipe.transformer
+    vramkit.restore(pipe)
