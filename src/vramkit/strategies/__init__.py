@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 # Importing the mechanism modules registers each config's apply function.
-from . import attention, checkpointing, offload, precision, prompt_cache, quantize, vae  # noqa: F401
+from . import attention, checkpointing, compile, offload, precision, prompt_cache, quantize, vae  # noqa: F401
 from .base import Strategy, get_apply_fn, register_strategy, strategy_from_dict, strategy_types
 from .configs import (
     AttentionBackend,
     AttentionSlicing,
+    Compile,
     GradientCheckpointing,
     ModelOffload,
     Precision,
@@ -47,5 +48,6 @@ __all__ = [
     "PromptCache",
     "GradientCheckpointing",
     "Resident",
+    "Compile",
     "BlockStreaming",
 ]

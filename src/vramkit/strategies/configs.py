@@ -22,6 +22,7 @@ __all__ = [
     "PromptCache",
     "GradientCheckpointing",
     "Resident",
+    "Compile",
 ]
 
 ALL_MODELS = ("text_encoder", "text_encoder_2", "transformer", "controlnet", "vae", "image_encoder")
@@ -312,3 +313,37 @@ class Resident(Strategy):
 
     def default_reason(self, component: str | None) -> str:
         return "fits on the GPU: no transfer at all during the call"
+
+
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+
+
+@dataclass(frozen=True)
+class Compile(Strategy):
+    """``torch.compile`` of the component's repeated blocks only (regional compilation, as diffusers'
+    ``compile_repeated_blocks``): every block shares one compiled graph, so compiling takes seconds
+    and later steps do not recompile. Modes with CUDA graphs (``reduce-overhead``, ``max-autotune``)
+    are refused on components whose weights move (streamed or offloaded): a graph replays fixed
+    addresses. ``backend="inductor"`` fuses kernels, which can change the last bits."""
+
+    mode: str | None = None
+    backend: str = "inductor"
+    dynamic: bool | None = None
+    components: tuple[str, ...] | None = None
+
+    name: ClassVar[str] = "Compile"
+    order: ClassVar[int] = 95
+    default_components: ClassVar[tuple[str, ...]] = ("transformer", "controlnet")
+
+    def __post_init__(self) -> None:
+        if self.mode not in COMPILE_MODES:
+            raise InvalidRequestError(f"Compile(mode={self.mode!r}): use one of {COMPILE_MODES}.")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise InvalidRequestError(f"Compile(backend={self.backend!r}): give a torch.compile backend name.")
+        _set(self, "components", _components(self.components))
+
+    def step_lossless(self, pipe: Any, component: str | None) -> bool:
+        return self.backend in ("eager", "aot_eager")
+
+    def default_reason(self, component: str | None) -> str:
+        return "compiled repeated blocks run faster; one graph serves every block, so steps do not recompile"
