@@ -9,6 +9,7 @@ import torch
 import vramkit
 from vramkit.errors import IrreversibleError
 from vramkit.strategies import (
+    BlockStreaming,
     AttentionBackend,
     AttentionSlicing,
     ModelOffload,
@@ -36,6 +37,8 @@ LOSSLESS = [
     pytest.param(VaeSlicing(), id="vae-slicing"),
     pytest.param(PromptCache(release="cpu"), id="prompt-cache"),
     pytest.param(Resident(components=("text_encoder", "transformer", "vae"), device="cpu"), id="resident"),
+    # Without CUDA, BlockStreaming is a planned no-op step (its reason says so); with CUDA it streams.
+    pytest.param(BlockStreaming(resident=1), id="block-streaming"),
 ]
 
 # Tolerances on the [0, 1] image of a 2-step tiny pipeline, measured on CPU and rounded up about 3x.
@@ -65,7 +68,7 @@ def test_lossless_strategy_is_bit_identical_and_restores(kind, strategy, referen
     assert torch.equal(run(pipe, kind), reference)
 
 
-@pytest.mark.parametrize("kind", ["flux", "controlnet-union", "multi-controlnet"])
+@pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("strategy,tolerance", LOSSY)
 def test_lossy_strategy_within_tolerance_and_marked(kind, strategy, tolerance, reference_outputs):
     if isinstance(strategy, Quantize) and not backend_available(strategy.backend):
