@@ -187,14 +187,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
         if r.get("status") == "ok" and r["config"].startswith("diffusers"):
             b = r["budget_gib"]
             best[b] = min(best.get(b, float("inf")), r["seconds_per_step"])
-    print(f"{'budget':>6} {'config':<28} {'status':<6} {'s/step':>7} {'s/img28':>8} {'VRAM':>6} {'RSS':>6} {'vs best diffusers':>18}")
+    print(f"{'budget':>6} {'config':<28} {'status':<6} {'s/step':>7} {'s/img28':>8} {'VRAM':>6} {'RSS':>6} "
+          f"{'vs best diffusers':>18}")
     for r in results:
         ok = r.get("status") == "ok"
         b = r["budget_gib"]
         speed = f"{best[b] / r['seconds_per_step']:.2f}x" if ok and b in best and r["seconds_per_step"] > 0 else ""
         print(f"{b:>6} {r['config']:<28} {r.get('status', '?'):<6} "
               f"{r.get('seconds_per_step', float('nan')):>7.3f} {r.get('seconds_per_image_28', float('nan')):>8.2f} "
-              f"{r.get('peak_vram_gib', float('nan')):>6.2f} {r.get('peak_host_rss_gib', float('nan')):>6.1f} {speed:>18}")
+              f"{r.get('peak_vram_gib', float('nan')):>6.2f} {r.get('peak_host_rss_gib', float('nan')):>6.1f} "
+              f"{speed:>18}")
 
 
 def main() -> None:

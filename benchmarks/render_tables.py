@@ -25,7 +25,8 @@ def streaming(data: dict[str, Any]) -> list[str]:
         f"### Transformer step with block streaming, {data['size']}² ({data['device']}, torch {data['torch']}, "
         f"diffusers {data['diffusers']})",
         "",
-        f"Command: `{data['command']}`. Resident (all weights on the GPU): {data['resident']['s_per_step']:.3f} s/step; "
+        f"Command: `{data['command']}`. Resident (all weights on the GPU): "
+        f"{data['resident']['s_per_step']:.3f} s/step; "
         f"pinned host-to-device {data['bandwidth']['gbps']:.1f} GB/s. L(B) = max(resident compute, streamed bytes / "
         "bandwidth); the fp8 rows' L(B) uses the bf16 compute time.",
         "",

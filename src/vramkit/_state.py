@@ -57,7 +57,7 @@ def set_state(pipe: Any, state: PipelineState | None) -> None:
         pipe.__dict__[STATE_ATTR] = state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wrapped_class(cls: type) -> type:
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         state = get_state(self)

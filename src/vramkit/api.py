@@ -6,12 +6,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from . import _pipeline
 from ._state import PipelineState, get_state, install_call_wrapper, remove_call_wrapper, set_state
 from .errors import IrreversibleError, StrategyConflictError, VramkitError
 from .plan import Plan, PlanStep
-import torch
-
 from .strategies import Strategy, get_apply_fn
 
 logger = logging.getLogger("vramkit")

@@ -1,6 +1,7 @@
 """Recovery from out-of-memory errors during a pipeline call.
 
-For the duration of each pipeline call, every model component's class is swapped for a same-named subclass whose ``__call__`` (and
+For the duration of each pipeline call, every model component's class is swapped for a
+same-named subclass whose ``__call__`` (and
 ``encode``/``decode`` for the VAE) catches an out-of-memory error, frees what it can, re-plans for
 the memory free now, swaps the new plan in, and calls the same component again with the same
 inputs. The pipeline's own state (prompt embeddings, latents of the steps already done) lives in
@@ -153,7 +154,7 @@ def _guarded(module: Any, component: str, method: str, call: Callable[[], Any]) 
         controller.depth -= 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _recovering_class(cls: type) -> type:
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         return _guarded(self, self.__dict__.get("_vramkit_component", "?"), "forward",

@@ -9,9 +9,9 @@ import torch
 import vramkit
 from vramkit.errors import IrreversibleError
 from vramkit.strategies import (
-    BlockStreaming,
     AttentionBackend,
     AttentionSlicing,
+    BlockStreaming,
     ModelOffload,
     Precision,
     PromptCache,
@@ -24,7 +24,6 @@ from vramkit.strategies import (
 )
 from vramkit.strategies.quantize import backend_available
 from vramkit.testing import TINY_KINDS, tiny_pipeline
-
 from vramkit.testing.checks import assert_no_hooks
 from vramkit.testing.checks import run_tiny as run
 

@@ -873,7 +873,7 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
     # Every component no step places (none when sequential offload takes them all) stays whole on
     # the GPU: say so with a Resident step, which moves it there when the plan is applied.
     placed: set[str] = set()
-    for s, comp, _ in steps:
+    for s, _component, _ in steps:
         if isinstance(s, SequentialOffload):
             placed |= set(ctx.spec.components)
         elif isinstance(s, PromptCache):
@@ -884,7 +884,9 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
             placed |= set(s.components or ())
     resident = tuple(c for c in ctx.spec.components if c not in placed)
     if resident:
-        sizes = ", ".join(f"{c} {_gb(ctx.w(ctx.spec.get(c), fam.fmt if c in tr_names else 'loaded'))}" for c in resident)
+        sizes = ", ".join(
+            f"{c} {_gb(ctx.w(ctx.spec.get(c), fam.fmt if c in tr_names else 'loaded'))}" for c in resident
+        )
         steps.append(
             (
                 Resident(components=resident),

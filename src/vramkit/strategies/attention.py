@@ -68,7 +68,12 @@ class ChunkedFluxAttnProcessor:
                 mask = mask[..., start : start + self.chunk, :]
             outputs.append(
                 tf.dispatch_attention_fn(
-                    q, key, value, attn_mask=mask, backend=self._attention_backend, parallel_config=self._parallel_config
+                    q,
+                    key,
+                    value,
+                    attn_mask=mask,
+                    backend=self._attention_backend,
+                    parallel_config=self._parallel_config,
                 )
             )
         hidden_states = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
