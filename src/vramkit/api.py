@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -63,9 +64,13 @@ def _per_component(pipe: Any, the_plan: Plan) -> Plan:
             steps.append(step)
             continue
         for component in step.strategy.target_components(available):
+            strategy = step.strategy
+            if len(getattr(strategy, "components", None) or ()) > 1:
+                # One config per component: each step then says exactly what it does.
+                strategy = dataclasses.replace(strategy, components=(component,))
             steps.append(
                 PlanStep(
-                    strategy=step.strategy,
+                    strategy=strategy,
                     component=component,
                     reason=step.reason,
                     lossless=step.strategy.step_lossless(pipe, component) and step.lossless,

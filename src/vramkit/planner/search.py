@@ -497,6 +497,8 @@ def _evaluate(
         if ctx.cn is not None:
             c += ctx.compute(ctx.cn.sizes, cn_tokens, chunk)
         if fam.place == "sequential":
+            # Weights arrive as loaded (fp32 stays fp32) and every layer waits for its own copy.
+            c = c * compute_factor(cal, "loaded", loaded_dtype=ctx.t.sizes.dtype) + cal.step_overhead_s
             return c + stream_bytes / cal.sequential_bandwidth, c
         c = c * info["factor"] + info["decode_s"]
         copy = (stream_bytes - pageable_copy) / ctx.bw
