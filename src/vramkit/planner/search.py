@@ -707,11 +707,13 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
         if fam.fmt == "bf16":
             steps.append(
                 (
-                    Precision("bf16", components=tr_names),
+                    # Every component: the pipeline feeds the text encoders' dtype to the transformer,
+                    # so a bf16 transformer beside fp32 encoders fails with a dtype mismatch.
+                    Precision("bf16", components=tuple(ctx.spec.components)),
                     None,
                     f"{tr_label} are loaded in fp32 ({_gb(w_loaded)}); bf16 halves that to "
-                    f"{_gb(ctx.w(ctx.t, 'bf16') + ctx.w(ctx.cn, 'bf16'))} and computes at bf16 speed "
-                    f"(changes numerics). {lossless_alt}",
+                    f"{_gb(ctx.w(ctx.t, 'bf16') + ctx.w(ctx.cn, 'bf16'))} and computes at bf16 speed; the other "
+                    f"components follow (one dtype through the pipeline) (changes numerics). {lossless_alt}",
                 )
             )
         if fam.place in ("resident", "offload") and fam.fmt == "fp8":
