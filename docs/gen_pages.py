@@ -59,9 +59,47 @@ def benchmarks() -> str:
     return "\n".join(head) + tables.split("\n", 3)[3]
 
 
+def streaming_plot() -> str | None:
+    """A PNG of the committed streaming measurements (s/step against the floor L(B) per budget)."""
+    import json
+
+    path = ROOT / "benchmarks" / "results" / "streaming_1024_h200.json"
+    if not path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for storage, marker in (("bf16", "o"), ("fp8", "s")):
+        rows = [r for r in data["rows"] if r["storage"] == storage and "s_per_step" in r]
+        ax.plot([r["budget_gib"] for r in rows], [r["s_per_step"] for r in rows], marker=marker,
+                label=f"vramkit BlockStreaming, {storage}")
+    bf16 = [r for r in data["rows"] if r["storage"] == "bf16" and "L_B" in r]
+    ax.plot([r["budget_gib"] for r in bf16], [r["L_B"] for r in bf16], "k--", label="floor L(B), bf16")
+    ax.axhline(data["resident"]["s_per_step"], color="grey", lw=0.8, label="all resident")
+    ax.set_xlabel("VRAM budget (GiB)")
+    ax.set_ylabel("s per transformer step, 1024²")
+    ax.set_title(f"FLUX.1-dev transformer step, measured on {data['device']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out = ROOT / "docs" / "img" / "streaming_1024_h200.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return "img/streaming_1024_h200.png"
+
+
 def main() -> None:
     (ROOT / "docs" / "tiers.md").write_text(tiers() + "\n")
-    (ROOT / "docs" / "benchmarks.md").write_text(benchmarks())
+    text = benchmarks()
+    image = streaming_plot()
+    if image:
+        text += f"\n![Measured s/step against the floor]({image})\n"
+    (ROOT / "docs" / "benchmarks.md").write_text(text)
 
 
 if __name__ == "__main__":
