@@ -55,11 +55,13 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         f"Command: `{env['command']}`. s/step from the difference of a 2-step and an N-step call; s/image "
         "extrapolated to 28 steps (text encoding and VAE decode included). Peaks exclude the ballast. "
         "'planned for' is the VRAM the planner used after its safety margin: where it is far below the budget, "
-        "the run predates the fix that made the margin a share of the free memory rather than of the device.",
+        "the run predates the fix that made the margin a share of the free memory rather than of the device. "
+        "'predicted allocated' is the recorded prediction less the planner's allocator reserve (5% + 384 MiB), "
+        "what later versions report as the predicted peak.",
         "",
         "| budget GiB | option | s/step | s/image (28) | peak VRAM GiB | peak host RSS GiB | planned for GiB | "
-        "predicted s/step | predicted peak GiB | vs best diffusers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "predicted s/step | predicted peak GiB (with reserve) | predicted allocated GiB | vs best diffusers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     best: dict[float, float] = {}
     for r in data["results"]:
@@ -67,7 +69,7 @@ def pipeline(data: dict[str, Any]) -> list[str]:
             best[r["budget_gib"]] = min(best.get(r["budget_gib"], float("inf")), r["seconds_per_image_28"])
     for r in data["results"]:
         if r.get("status") != "ok":
-            out.append(f"| {r['budget_gib']:g} | {r['config']} | {r.get('status')} | | | | | | | |")
+            out.append(f"| {r['budget_gib']:g} | {r['config']} | {r.get('status')} | | | | | | | | |")
             continue
         plan = r.get("plan") or {}
         pred = plan.get("predicted") or {}
@@ -75,11 +77,14 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         pf = f"{planned / 2**30:.2f}" if planned else ""
         ps = f"{pred['seconds_per_step']:.3f}" if pred else ""
         pp = f"{pred['peak_vram'] / 2**30:.2f}" if pred else ""
+        # Runs before the planner reported allocated memory recorded the padded peak; the allocated
+        # estimate inside it is (padded - 384 MiB) / 1.05 (the planner's allocator reserve).
+        pa = f"{(pred['peak_vram'] - 384 * 2**20) / 1.05 / 2**30:.2f}" if pred else ""
         b = r["budget_gib"]
         speed = f"{best[b] / r['seconds_per_image_28']:.2f}x" if b in best else ""
         out.append(
             f"| {b:g} | {r['config']} | {r['seconds_per_step']:.3f} | {r['seconds_per_image_28']:.1f} | "
-            f"{r['peak_vram_gib']:.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {speed} |"
+            f"{r['peak_vram_gib']:.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {pa} | {speed} |"
         )
     return out
 

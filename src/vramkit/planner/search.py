@@ -232,6 +232,12 @@ class _Ctx:
     def pad(self, raw: float) -> int:
         return int(raw * (1.0 + self.cal.allocator_reserve_fraction)) + int(self.cal.allocator_reserve_bytes)
 
+    def unpad(self, padded: int) -> int:
+        """The allocated estimate inside a padded figure: what ``max_memory_allocated`` should read.
+        Predictions report it; fitting keeps the allocator reserve on top."""
+        reserve = int(self.cal.allocator_reserve_bytes)
+        return max(0, int((padded - reserve) / (1.0 + self.cal.allocator_reserve_fraction)))
+
     def smooth(self, compute: float, copy: float) -> float:
         if copy <= 0:
             return compute
@@ -541,25 +547,28 @@ def _evaluate(
         cand.lossless = False
     info["compute_s"] = compute_s
     stages = {
-        "text_encoding": StagePrediction(vram=te_pad, ram=cand.ram, seconds=te_seconds),
-        "denoising_step": StagePrediction(vram=den_pad, ram=cand.ram, seconds=step_seconds),
+        "text_encoding": StagePrediction(vram=ctx.unpad(te_pad), ram=cand.ram, seconds=te_seconds),
+        "denoising_step": StagePrediction(vram=ctx.unpad(den_pad), ram=cand.ram, seconds=step_seconds),
         "vae_decode": StagePrediction(
-            vram=dec_pad,
+            vram=ctx.unpad(dec_pad),
             ram=cand.ram,
             seconds=vae_decode_seconds(cal, req.height, req.width, req.batch_size, tile=vae_opt.tile),
         ),
     }
     enc_seconds = vae_opt.seconds - stages["vae_decode"].seconds
     if ctx.needs_encode():
-        stages["vae_encode"] = StagePrediction(vram=enc_pad, ram=cand.ram, seconds=max(0.0, enc_seconds))
+        stages["vae_encode"] = StagePrediction(vram=ctx.unpad(enc_pad), ram=cand.ram, seconds=max(0.0, enc_seconds))
     if load_seconds > 0:
-        stages["load"] = StagePrediction(vram=den_pad, ram=cand.ram, seconds=load_seconds)
+        stages["load"] = StagePrediction(vram=ctx.unpad(den_pad), ram=cand.ram, seconds=load_seconds)
     if fam.place == "sequential":
         stages["vae_decode"] = StagePrediction(
-            vram=dec_pad, ram=cand.ram, seconds=stages["vae_decode"].seconds + w_vae / cal.sequential_bandwidth
+            vram=ctx.unpad(dec_pad),
+            ram=cand.ram,
+            seconds=stages["vae_decode"].seconds + w_vae / cal.sequential_bandwidth,
         )
     cand.stages = stages
-    cand.peak_vram = max(s.vram for s in stages.values())
+    # Fitting uses the padded peaks (allocator reserve included); the stages report allocated memory.
+    cand.peak_vram = max([te_pad, den_pad, dec_pad] + ([enc_pad] if ctx.needs_encode() else []))
     cand.step_seconds = step_seconds
     cand.call_seconds = (
         te_seconds
@@ -988,11 +997,16 @@ def search(
     plan_notes.append(_placement_note(ctx, best))
     if not streaming:
         plan_notes.append("block streaming is not available (vramkit.strategies.streaming not importable)")
+    plan_notes.append(
+        "predicted peaks are allocated memory (torch.cuda.max_memory_allocated); the plan was fitted with "
+        f"{cal.allocator_reserve_fraction:.0%} + {format_bytes(cal.allocator_reserve_bytes)} more per stage for the "
+        f"allocator ({format_bytes(best.peak_vram)} at the highest stage)"
+    )
     plan_notes.append(f"{res.evaluated} candidates evaluated; constants: {cal.source}")
     return Plan(
         steps=steps,
         predicted=Predicted(
-            peak_vram=best.peak_vram,
+            peak_vram=max(st.vram for st in stages.values()),
             peak_ram=best.ram,
             seconds_per_step=best.step_seconds,
             seconds_per_image=best.call_seconds / req.batch_size,
