@@ -30,11 +30,11 @@ def fmt_seconds(x: float) -> str:
 
 
 def _over(measured: dict[str, Any], predicted: dict[str, Any]) -> list[str]:
-    """What exceeds its prediction: ``"vram"`` (peak reserved > predicted VRAM; reserved is what the
-    device gives out, and the planner's VRAM includes the allocator's reserve) and ``"ram"`` (peak
-    RSS > predicted RAM). Time is compared in the table, never flagged."""
+    """What exceeds its prediction: ``"vram"`` (peak allocated > predicted VRAM: the planner predicts
+    allocated memory and fits the plan with an allocator reserve on top) and ``"ram"`` (peak RSS >
+    predicted RAM). Time is compared in the table, never flagged."""
     over = []
-    vram = measured.get("vram_reserved_peak")
+    vram = measured.get("vram_allocated_peak")
     if vram is not None and vram > predicted["vram"]:
         over.append("vram")
     if measured.get("ram_peak") is not None and measured["ram_peak"] > predicted["ram"]:
@@ -172,7 +172,7 @@ def _notes(prof: Profiler, plan: Any, predicted: Any, stage_predictions: dict[st
         missing = sorted({s.kind for s in prof.stages} - set(stage_predictions))
         if missing:
             notes.append(f"no prediction for: {', '.join(missing)}")
-        notes.append("OVER: peak VRAM reserved above the predicted VRAM, or peak RSS above the predicted RAM")
+        notes.append("OVER: peak VRAM allocated above the predicted VRAM, or peak RSS above the predicted RAM")
     notes.extend(prof.notes)
     return notes
 
