@@ -250,7 +250,11 @@ class DemoApp:
 # Gradio UI
 # ------------------------------------------------------------------------------------------------
 
-_CSS = "#plan textarea, #memory textarea { font-family: ui-monospace, Consolas, monospace; font-size: 12px; }"
+_CSS = (
+    "#plan textarea, #memory textarea { font-family: ui-monospace, Consolas, monospace; font-size: 12px; }\n"
+    "#result img { image-rendering: pixelated; width: 256px !important; height: 256px !important;"
+    " object-fit: contain; }"
+)
 
 
 def build_gradio(app: DemoApp) -> Any:
@@ -281,7 +285,7 @@ def build_gradio(app: DemoApp) -> Any:
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 status = gr.Textbox(label="Status", interactive=False, elem_id="status")
             with gr.Column(scale=1):
-                image = gr.Image(label="Result", type="pil", interactive=False, elem_id="result")
+                image = gr.Image(label="Result", type="pil", interactive=False, height=320, elem_id="result")
         plan = gr.Textbox(label="Plan (plan.explain())", lines=16, max_lines=40, interactive=False, elem_id="plan")
         memory = gr.Textbox(label="Memory report", lines=12, max_lines=40, interactive=False, elem_id="memory")
         button.click(on_generate, [prompt, seed, steps, width, height], [image, plan, memory, status])
