@@ -39,36 +39,15 @@ from vramkit.errors import PlanInfeasibleError
 
 GIB = 2**30
 
-FLUX_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def build_model(device: str) -> torch.nn.Module:
-    from diffusers import FluxTransformer2DModel
+    from vramkit.memory.architectures import build_architecture
 
     torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = FluxTransformer2DModel(**FLUX_DEV)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval().requires_grad_(False)
+    return build_architecture("flux-dev", device=device, dtype=torch.bfloat16)
 
 
 def make_inputs(size: int, device: str, text_tokens: int = 512) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import _pipeline
-from .errors import OutOfMemoryError, PlanInfeasibleError, VramkitError
+from .errors import OutOfMemoryError, PlanInfeasibleError
 
 logger = logging.getLogger("vramkit")
 
@@ -199,8 +199,3 @@ def install_recovery(pipe: Any, controller: RecoveryController) -> Callable[[], 
             module.__dict__.pop("_vramkit_component", None)
 
     return remove
-
-
-def check_recoverable(pipe: Any) -> None:
-    if not _pipeline.model_components(pipe):
-        raise VramkitError("This pipeline has no model components to guard.")

@@ -96,11 +96,6 @@ def _flux_attention_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if isinstance(getattr(m, "processor", None), FluxAttnProcessor)]
 
 
-def _components_of(module: torch.nn.Module) -> list[torch.nn.Module]:
-    # FluxMultiControlNetModel holds several nets in `.nets`; modules() reaches them all.
-    return [module]
-
-
 @register_strategy(AttentionSlicing)
 def apply_attention_slicing(pipe: Any, config: AttentionSlicing, component: str | None) -> Undo | None:
     module = getattr(pipe, component)

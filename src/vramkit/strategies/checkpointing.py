@@ -11,12 +11,8 @@ from .configs import GradientCheckpointing
 
 @register_strategy(GradientCheckpointing)
 def apply_gradient_checkpointing(pipe: Any, config: GradientCheckpointing, component: str | None) -> Undo | None:
+    # Eval mode is refused by GradientCheckpointing.check, which runs before any step is applied.
     module = getattr(pipe, component)
-    if not module.training:
-        raise InvalidRequestError(
-            f"GradientCheckpointing on {component}: the module is in eval mode, where checkpointing "
-            "saves nothing (no backward pass). Call .train() first when fine-tuning."
-        )
     if hasattr(module, "enable_gradient_checkpointing"):
         module.enable_gradient_checkpointing()
         return module.disable_gradient_checkpointing
