@@ -1,6 +1,7 @@
-"""Measure vramkit.profile's overhead on the tiny pipelines (not a test; run it by hand).
+"""Measure vramkit.profile's overhead on the tiny pipelines.
 
-    PYTHONPATH=src HF_HUB_OFFLINE=1 python tests/profiling/overhead.py [--device cuda] [--n 60]
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/profiler_overhead.py [--device cuda] [--n 60] \
+        [--out benchmarks/results/profiler_overhead_cpu.json]
 
 Calls are interleaved (unprofiled, then each profiled variant) and the medians compared, so drift
 on a shared machine hits every variant alike. Prints one line per (kind, steps).
@@ -9,8 +10,12 @@ on a shared machine hits every variant alike. Prints one line per (kind, steps).
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
+import sys
 import time
+from typing import Any
 
 import torch
 
@@ -33,7 +38,7 @@ def _call(pipe, kind: str, steps: int, device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(kind: str, steps: int, n: int, device: str) -> str:
+def measure(kind: str, steps: int, n: int, device: str) -> dict[str, Any]:
     pipe = tiny_pipeline(kind).to(device)
     for _ in range(3):
         _call(pipe, kind, steps, device)
@@ -47,10 +52,16 @@ def measure(kind: str, steps: int, n: int, device: str) -> str:
             with profile(pipe, **options):
                 _call(pipe, kind, steps, device)
             times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["unprofiled"])
-    parts = [f"{kind} on {device}, {steps} steps, median of {n}: unprofiled {base * 1e3:.2f} ms"]
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {"kind": kind, "steps": steps, "n": n, "device": device, "median_seconds": medians}
+
+
+def describe(row: dict[str, Any]) -> str:
+    base = row["median_seconds"]["unprofiled"]
+    parts = [f"{row['kind']} on {row['device']}, {row['steps']} steps, median of {row['n']}: "
+             f"unprofiled {base * 1e3:.2f} ms"]
     for name in VARIANTS:
-        m = statistics.median(times[name])
+        m = row["median_seconds"][name]
         parts.append(f"{name} {m * 1e3:.2f} ms ({(m - base) * 1e3:+.2f} ms, {100 * (m / base - 1):+.1f}%)")
     return "; ".join(parts)
 
@@ -60,10 +71,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    parser.add_argument("--out", help="write the medians as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    rows = []
     for kind, steps in (("flux", 2), ("flux", 20), ("controlnet", 2)):
-        print(measure(kind, steps, args.n, args.device), flush=True)
+        rows.append(measure(kind, steps, args.n, args.device))
+        print(describe(rows[-1]), flush=True)
+    if args.out:
+        import diffusers
+
+        env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+               "command": " ".join(["python", *sys.argv]), "threads": args.threads,
+               "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu"}
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
