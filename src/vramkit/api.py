@@ -11,7 +11,9 @@ import torch
 
 from . import _pipeline
 from ._state import PipelineState, get_state, install_call_wrapper, remove_call_wrapper, set_state
+from ._pipeline import model_components
 from .errors import IrreversibleError, StrategyConflictError, VramkitError
+from .memory.probe import vram_outside
 from .plan import Plan, PlanStep
 from .strategies import Strategy, get_apply_fn
 
@@ -119,6 +121,12 @@ def _apply(pipe: Any, plan: Plan) -> Plan:
         step.strategy.check(pipe, step.component)
     state = get_state(pipe)
     fresh = state is None
+    if fresh and plan.request:
+        # What this process already holds on the device outside the pipeline (other models, a
+        # ballast): not the plan's, so the profiler leaves it out when it compares with predictions.
+        outside = vram_outside(model_components(pipe).values(), plan.request.get("device"))
+        if outside is not None:
+            plan = dataclasses.replace(plan, request={**plan.request, "vram_outside_pipeline": outside})
     if state is None:
         state = PipelineState(plan=plan)
         set_state(pipe, state)
@@ -268,9 +276,12 @@ def _swap_plan(pipe: Any, new_plan: Plan) -> Plan:
     state.applied = [(step, None) for step in remaining]
     leftovers = {(step.strategy, step.component) for step in remaining}
     steps = [s for s in new_plan.steps if (s.strategy, s.component) not in leftovers]
+    request = dict(new_plan.request)
+    if state.plan is not None and "vram_outside_pipeline" in state.plan.request:
+        request["vram_outside_pipeline"] = state.plan.request["vram_outside_pipeline"]
     trimmed = Plan(
         steps=steps, predicted=new_plan.predicted, rejected=new_plan.rejected,
-        request=new_plan.request, notes=new_plan.notes,
+        request=request, notes=new_plan.notes,
     )
     return _apply(pipe, trimmed)
 

@@ -80,10 +80,21 @@ class RecoveryController:
             self._remove_guards = None
 
     def _free_now(self) -> int | None:
-        if torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info()
-            return int(free)
-        return None
+        """Memory a new plan can use: free on the device plus what the pipeline holds there now (the
+        swap releases the old plan's weights and buffers before the new one places its own).
+        Without this, a pipeline holding most of the card would re-plan for the sliver left."""
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info()
+        from .api import applied_plan
+
+        plan = applied_plan(self.pipe)
+        request = getattr(plan, "request", None) or {}
+        outside = request.get("vram_outside_pipeline")
+        if isinstance(outside, (int, float)):
+            held = max(0, torch.cuda.memory_allocated() - int(outside))
+            return int(free) + held
+        return int(free)
 
     def recover(self, component: str, method: str, error: str) -> None:
         stage = _STAGE.get(method) or _FORWARD_STAGE.get(component, component)

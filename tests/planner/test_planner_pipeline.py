@@ -46,7 +46,7 @@ def test_plan_leaves_the_pipeline_unchanged(kind):
     encode_prompt = pipe.__dict__.get("encode_prompt")
     plan = plan_pipeline(pipe, vram="8GiB", height=64, width=64)
     plan2 = plan_pipeline(
-        pipe, vram=600 * 1024**2, ram="16GiB", height=128, width=128, batch_size=2, quality="lossless"
+        pipe, vram=700 * 1024**2, ram="16GiB", height=128, width=128, batch_size=2, quality="lossless"
     )
     _same(before, _state(pipe))
     assert pipe.__dict__.get("encode_prompt") is encode_prompt
@@ -54,7 +54,7 @@ def test_plan_leaves_the_pipeline_unchanged(kind):
         assert isinstance(p, Plan) and p.predicted is not None
         assert Plan.from_dict(p.to_dict()).to_dict() == p.to_dict()
     assert plan.predicted.peak_vram <= 8 * 1024**3
-    assert plan2.lossless and plan2.predicted.peak_vram <= 600 * 1024**2
+    assert plan2.lossless and plan2.predicted.peak_vram <= 700 * 1024**2
     assert plan.request["kind"] in ("flux", "fill", "kontext", "controlnet", "img2img")
 
 

@@ -39,7 +39,22 @@ def find_block_stacks(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     FluxTransformer2DModel and FluxControlNetModel give ``transformer_blocks`` then
     ``single_transformer_blocks``; T5EncoderModel gives ``encoder.block``. An unknown module gives
     an empty list (the caller decides whether that is an error). Empty stacks are left out.
+
+    FluxMultiControlNetModel gives the stacks of each of its ``nets`` in turn (``nets.0.transformer_blocks``,
+    ...), each net once even where it is listed twice: several modes of one union ControlNet run the
+    same net once per control image, so its blocks simply run more than once per forward (the ring
+    scheduler's expected order repeats).
     """
+    nets = getattr(module, "nets", None)
+    if isinstance(nets, nn.ModuleList) and len(nets) > 0:
+        found = []
+        seen: set[int] = set()
+        for i, net in enumerate(nets):
+            if id(net) in seen:
+                continue
+            seen.add(id(net))
+            found.extend((f"nets.{i}.{path}", stack) for path, stack in find_block_stacks(net))
+        return found
     for paths in BLOCK_STACK_PATHS:
         found: list[tuple[str, nn.ModuleList]] = []
         for path in paths:

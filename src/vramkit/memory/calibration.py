@@ -124,6 +124,15 @@ class Calibration:
     #: in VAE decodes (the allocator caches freed blocks; under pressure it releases them and retries).
     allocator_reserve_bytes: int = 384 * _MiB
     allocator_reserve_fraction: float = 0.05
+    #: allocated bytes every stage holds besides weights and activations: cuBLAS/cuBLASLt workspaces
+    #: and small runtime buffers handed out on the first matmul. The H200 grid
+    #: (benchmarks/results/grid_flux-dev_h200.json) measured peaks 0-70 MiB above the model without it.
+    runtime_workspace_bytes: int = 48 * _MiB
+    #: ControlNet residual tensors alive at once during a step of a multi-ControlNet (two or more
+    #: controls; one control: 2). Fitted to the H200 grid of a two-mode union ControlNet
+    #: (benchmarks/results/grid_flux-dev_controlnet-union_h200.json: 1.2 and 1.5 residual sets above
+    #: the one-control model at 1024^2 and 2048^2).
+    multi_control_residual_copies: float = 3.5
     #: resident set of the Python process with torch and CUDA loaded, before any weight; assumed.
     host_baseline_bytes: int = int(1.5 * _GiB)
     #: whether the pipeline batches the true-CFG negative pass with the positive one (diffusers'

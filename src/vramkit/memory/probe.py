@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,27 @@ def probe(
         bandwidth_source=source,
         notes=tuple(notes),
     )
+
+
+def vram_outside(modules: Iterable[torch.nn.Module], device: str | torch.device | None) -> int | None:
+    """Bytes the CUDA caching allocator has handed out on ``device`` to anything but ``modules``'
+    parameters and buffers (other models, caches, a ballast that simulates a smaller card); ``None``
+    when ``device`` is not an initialized CUDA device.
+
+    The planner's budget is the memory free when it plans, so this memory is not the plan's: the
+    profiler subtracts it from its readings to compare them with the plan's predictions.
+    """
+    if device is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    seen: set[int] = set()
+    own = 0
+    for module in modules:
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.device.type == "cuda" and (t.device.index or 0) == index and id(t) not in seen:
+                seen.add(id(t))
+                own += t.numel() * t.element_size()
+    return max(0, torch.cuda.memory_allocated(index) - own)

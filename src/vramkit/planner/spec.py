@@ -71,6 +71,9 @@ class PipelineSpec:
     default_steps: int = 28
     default_height: int = 1024
     default_width: int = 1024
+    #: ControlNet passes per denoising step: 1, or for a FluxMultiControlNetModel one per net (at least
+    #: 2: a multi-ControlNet of one union net exists to run several control modes, one pass each).
+    controls: int = 1
 
     def get(self, name: str) -> ComponentSpec | None:
         return self.components.get(name)
@@ -200,6 +203,10 @@ def spec_from_modules(
     if "transformer" not in modules:
         raise InvalidRequestError("a FLUX pipeline spec needs a 'transformer' component.")
     comps: dict[str, ComponentSpec] = {}
+    controls = 1
+    nets = getattr(modules.get("controlnet"), "nets", None)
+    if isinstance(nets, torch.nn.ModuleList):
+        controls = max(2, len(nets))
     for attr, module in modules.items():
         sizes = component_sizes(attr, module)
         geometry = _stream_geometry(module) if attr in _STREAMABLE else None
@@ -212,6 +219,7 @@ def spec_from_modules(
         default_steps=default_steps,
         default_height=default_height,
         default_width=default_width,
+        controls=controls,
     )
 
 

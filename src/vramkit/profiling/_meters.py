@@ -52,8 +52,11 @@ class CudaMeter:
     which is exact (nothing can be allocated on the device before CUDA initializes).
     """
 
-    def __init__(self, device: int | None) -> None:
+    def __init__(self, device: int | None, offset: int = 0) -> None:
         self.device = device
+        # Bytes held on the device outside the profiled pipeline (see vramkit.memory.probe.vram_outside):
+        # subtracted from every reading so the figures are the pipeline's own.
+        self.offset = max(0, int(offset))
 
     def _index(self) -> int:
         return self.device if self.device is not None else torch.cuda.current_device()
@@ -69,11 +72,12 @@ class CudaMeter:
         stats = torch.cuda.memory_stats_as_nested_dict(self._index())
         allocated = stats.get("allocated_bytes", {}).get("all", {})
         reserved = stats.get("reserved_bytes", {}).get("all", {})
+        off = self.offset
         return GpuReading(
-            allocated=int(allocated.get("current", 0)),
-            reserved=int(reserved.get("current", 0)),
-            peak_allocated=int(allocated.get("peak", 0)),
-            peak_reserved=int(reserved.get("peak", 0)),
+            allocated=max(0, int(allocated.get("current", 0)) - off),
+            reserved=max(0, int(reserved.get("current", 0)) - off),
+            peak_allocated=max(0, int(allocated.get("peak", 0)) - off),
+            peak_reserved=max(0, int(reserved.get("peak", 0)) - off),
         )
 
     def current(self) -> tuple[int, int]:

@@ -145,6 +145,13 @@ def budget_of(plan: Any) -> dict[str, int] | None:
     return found or None
 
 
+def _outside_bytes(plan: Any) -> int:
+    """Device bytes this process held outside the pipeline when the plan was applied (0 if unknown)."""
+    request = getattr(plan, "request", None)
+    value = request.get("vram_outside_pipeline") if isinstance(request, dict) else None
+    return int(value) if isinstance(value, (int, float)) and value > 0 else 0
+
+
 class Profiler:
     """Records one ``with`` block of pipeline calls; see :func:`profile`.
 
@@ -170,6 +177,7 @@ class Profiler:
         self.components: dict[str, ComponentRecord] = {}
         self.total_seconds: float | None = None
         self.plan: Any = None  # the applied vramkit plan (at the end of the block, else at its start)
+        self.vram_offset = 0  # device bytes outside the pipeline, left out of every VRAM reading
         self.notes: list[str] = []
         self._state = "new"  # new -> recording -> done
         self._recording = False
@@ -218,12 +226,13 @@ class Profiler:
         """Install the wrappers and start sampling (what ``with`` does on entry)."""
         if self._state != "new":
             raise VramkitError("This Profiler has already recorded; start a new one with vramkit.profile(pipe).")
+        self.plan = self._applied_plan()
         if torch.cuda.is_available():
             self._cuda_index = _cuda_index(self.pipe)
-            self._gpu = CudaMeter(self._cuda_index)
+            self.vram_offset = _outside_bytes(self.plan)
+            self._gpu = CudaMeter(self._cuda_index, offset=self.vram_offset)
             self._pinned = pinned_reader(self._modules)
         self._module_list = list(_model_components(self.pipe).values())
-        self.plan = self._applied_plan()
         self._h2d = h2d_reader(self._modules)
         self._state = "recording"
         try:

@@ -119,6 +119,7 @@ def build_dict(prof: Profiler, *, timeline: bool = True) -> dict[str, Any]:
         "pipeline": type(prof.pipe).__name__,
         "device": prof.device(),
         "sync": prof.sync,
+        "vram_offset": prof.vram_offset,
         "sample_interval": prof.sample_interval,
         "total_seconds": prof.total_seconds,
         "num_steps": prof.num_steps,
@@ -164,6 +165,11 @@ def _notes(prof: Profiler, plan: Any, predicted: Any, stage_predictions: dict[st
             )
         if not any(s.pinned_peak is not None for s in prof.stages):
             notes.append("pinned host memory not measured (this torch has no torch.cuda.host_memory_stats)")
+        if prof.vram_offset:
+            notes.append(
+                f"VRAM figures leave out {fmt_mib(prof.vram_offset)} MiB this process held on the device outside the "
+                "pipeline when the plan was applied (not the plan's: it planned for the memory free then)"
+            )
         if not prof.h2d_measured:
             notes.append("host-to-device bytes not counted: no component is streamed by vramkit's engine")
     if plan is not None and predicted is None:
