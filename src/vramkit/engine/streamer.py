@@ -328,7 +328,9 @@ class BlockStreamer:
                 f"{type(self.module).__name__}.{self._full_name(owners)} is on the meta device and no weight "
                 "source was given; load the weights first (or use vramkit.load, which streams them from disk)."
             )
-        return self.source.get(self._full_name(owners), device or torch.device("cpu"))
+        value = self.source.get(self._full_name(owners), device or torch.device("cpu"))
+        # The meta tensor carries the dtype the module is meant to have (e.g. after a bf16 cast).
+        return value if value.dtype == t.dtype else value.to(t.dtype)
 
     def _pack_streamed(self) -> None:
         if self.host == "disk":
