@@ -365,16 +365,21 @@ class BlockStreamer:
         RAM never holds more than one block (plus, while the module is still in RAM, what is not
         yet packed; each block's original storage goes as soon as it is written)."""
         self._file = OffloadFile(self.offload_folder, type(self.module).__name__)
+        # One staging buffer for every block: allocating and freeing one per block leaves the C
+        # allocator holding freed blocks' worth of RSS (glibc raises its mmap threshold after a free).
+        staging = torch.empty(
+            max((b.nbytes for b in self.layout.blocks if not b.resident), default=0), dtype=torch.uint8
+        )
         for b in self.layout.blocks:
             if b.resident:
                 continue
             tensors = self._tensors[b.position]
             data = {name: self._value(owners, kind) for name, (kind, owners) in tensors.items()}
-            staging = torch.empty(b.nbytes, dtype=torch.uint8)
+            view = staging[: b.nbytes]
+            view.zero_()  # alignment padding is written too: keep the file deterministic
             work = self.device if (self._cuda and b.encoded) else None
-            pack_block(data, b, staging, work_device=work)
-            self._file_at[b.position] = self._file.append(staging)
-            del staging
+            pack_block(data, b, view, work_device=work)
+            self._file_at[b.position] = self._file.append(view)
             self._retain(b, data)
             self.file_nbytes += b.nbytes
             for name, (kind, owners) in tensors.items():
