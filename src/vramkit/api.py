@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from . import _pipeline
-from ._state import PipelineState, get_state, install_call_wrapper, remove_call_wrapper, set_state
 from ._pipeline import model_components
+from ._state import PipelineState, get_state, install_call_wrapper, remove_call_wrapper, set_state
 from .errors import IrreversibleError, StrategyConflictError, VramkitError
 from .memory.probe import vram_outside
 from .plan import Plan, PlanStep

@@ -41,6 +41,11 @@ def test_defaults_and_class_attributes() -> None:
         {"device": "warp-drive"},
         {"budget": 0},
         {"pinned_limit": -5},
+        {"host": "ssd"},
+        {"host": None},
+        {"offload_folder": "/somewhere"},
+        {"host": "disk", "offload_folder": ""},
+        {"host": "disk", "offload_folder": 3},
     ],
 )
 def test_invalid_arguments(kwargs: dict) -> None:  # type: ignore[type-arg]
@@ -135,3 +140,53 @@ def test_check_refuses_a_missing_component() -> None:
         BlockStreaming(components=("controlnet",)).check(pipe, "controlnet")
     BlockStreaming().check(pipe, "transformer")
     BlockStreaming(components=("text_encoder_2",)).check(pipe, "text_encoder_2")
+
+
+def test_disk_host_config_round_trip_and_reason(tmp_path) -> None:
+    s = BlockStreaming(resident=2, host="DISK", offload_folder=tmp_path, device="cpu")
+    assert s.host == "disk" and s.offload_folder == str(tmp_path)
+    assert strategy_from_dict(s.to_dict()) == s
+    assert BlockStreaming().host == "ram" and BlockStreaming().offload_folder is None
+    assert "memory-mapped file" in s.default_reason("transformer")
+    assert s.step_lossless(None, "transformer") and s.step_reversible(None, "transformer")
+
+
+def test_disk_host_through_optimize_on_cpu_is_bit_identical_and_restore_deletes_the_file(tmp_path) -> None:
+    """``host="disk"`` with an explicit ``device="cpu"`` streams on a machine without a GPU too."""
+    import os
+
+    import vramkit
+    from vramkit.engine import streamer_of
+    from vramkit.testing import tiny_pipeline
+    from vramkit.testing.checks import assert_no_hooks as assert_pipeline_clean
+    from vramkit.testing.checks import run_tiny
+
+    pipe = tiny_pipeline("flux")
+    built = type(pipe)
+    ref = run_tiny(pipe, "flux")
+    snaps = {c: snapshot(getattr(pipe, c)) for c in ("transformer", "text_encoder_2")}
+    folder = tmp_path / "off"
+    plan = vramkit.optimize(
+        pipe,
+        strategies=[
+            BlockStreaming(
+                resident=1,
+                host="disk",
+                offload_folder=str(folder),
+                device="cpu",
+                components=("transformer", "text_encoder_2"),
+            )
+        ],
+    )
+    assert all("memory-mapped" in s.reason for s in plan.steps)
+    assert sorted(os.listdir(folder)) and len(os.listdir(folder)) == 2
+    for c in ("transformer", "text_encoder_2"):
+        streamer = streamer_of(getattr(pipe, c))
+        assert streamer is not None and streamer.host == "disk" and streamer.file_nbytes > 0
+    assert torch.equal(run_tiny(pipe, "flux"), ref)
+    vramkit.restore(pipe)
+    assert_pipeline_clean(pipe, built)
+    for c, snap in snaps.items():
+        assert_same_as(getattr(pipe, c), snap)
+    assert not folder.exists()
+    assert torch.equal(run_tiny(pipe, "flux"), ref)

@@ -1,4 +1,5 @@
-"""Host buffers for packed blocks: one contiguous uint8 tensor per block, page-locked when possible.
+"""Host storage for packed blocks: one contiguous uint8 tensor per block, page-locked when possible
+(:class:`HostBuffer`), or a view into a memory-mapped offload file (:class:`OffloadFile`).
 
 Page-locking uses ``cudaHostRegister`` on an ordinary CPU allocation rather than
 ``torch.empty(..., pin_memory=True)``: PyTorch's caching host allocator rounds every pinned request
@@ -10,10 +11,16 @@ exactly its size and is unregistered on :meth:`HostBuffer.release`.
 from __future__ import annotations
 
 import logging
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-__all__ = ["HostBuffer", "PIN_METHODS"]
+from ..errors import InvalidRequestError
+
+__all__ = ["HostBuffer", "OffloadFile", "FileBlock", "PIN_METHODS", "default_offload_folder", "OFFLOAD_SUFFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +103,129 @@ class HostBuffer:
         self.pinned = False
         self.tensor = torch.empty(0, dtype=torch.uint8)
         self.nbytes = 0
+
+
+#: Suffix of the offload files vramkit writes (so a stray one is easy to recognise and delete).
+OFFLOAD_SUFFIX = ".vramkit-offload"
+
+
+def default_offload_folder() -> Path:
+    """Where streamed blocks go when ``host="disk"`` and no folder is given: ``$VRAMKIT_OFFLOAD_DIR``,
+    else ``offload/`` in vramkit's cache directory. Not the system temp directory: ``/tmp`` is often a
+    tmpfs, i.e. RAM, which would defeat the purpose."""
+    override = os.environ.get("VRAMKIT_OFFLOAD_DIR")
+    if override:
+        return Path(override)
+    from ..memory.probe import cache_dir
+
+    return cache_dir() / "offload"
+
+
+class FileBlock:
+    """One packed block inside a mapped :class:`OffloadFile`: the same interface as
+    :class:`HostBuffer` (``tensor``, ``nbytes``, ``pinned``, ``release``). Never pinned."""
+
+    pinned = False
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.nbytes = int(tensor.numel())
+
+    def release(self) -> None:
+        # The mapping belongs to the OffloadFile; dropping the view is all a block does.
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+        self.nbytes = 0
+
+
+class OffloadFile:
+    """A file of packed blocks, written sequentially (one block in RAM at a time), then mapped.
+
+    :meth:`append` writes a tensor's bytes at the next page-aligned offset and returns that offset;
+    :meth:`map` closes the file for writing and maps it read-only-in-effect (a private mapping:
+    ``torch.from_file(shared=False)``), so its pages are page cache the kernel can drop and re-read,
+    not anonymous memory. :meth:`close` drops the mapping and deletes the file (and the folder, if
+    this object created it and it is empty). Tensors still viewing the mapping keep it alive, but
+    the file name is gone.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], stem: str) -> None:
+        self.folder = Path(folder)
+        created: list[Path] = []
+        probe = self.folder
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cannot create the offload folder {self.folder} ({exc}); pass offload_folder= a writable "
+                "directory on a local disk."
+            ) from None
+        self._created = list(reversed(created))
+        self.path = self.folder / f"{stem}-{uuid.uuid4().hex[:12]}{OFFLOAD_SUFFIX}"
+        try:
+            self._fh: BinaryIO | None = open(self.path, "xb")  # noqa: SIM115 - written across calls, closed in map()/close()
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cannot write to the offload folder {self.folder} ({exc}); pass offload_folder= a writable "
+                "directory on a local disk."
+            ) from None
+        self.size = 0
+        self._mapping: torch.Tensor | None = None
+
+    @property
+    def mapped(self) -> bool:
+        return self._mapping is not None
+
+    def append(self, data: torch.Tensor) -> int:
+        """Write ``data``'s bytes (a CPU tensor, any dtype) at the next page boundary; its offset."""
+        if self._fh is None:
+            raise RuntimeError("OffloadFile.append after map()")
+        pad = (-self.size) % _PAGE
+        fh = self._fh
+        if pad:
+            fh.write(b"\0" * pad)
+            self.size += pad
+        offset = self.size
+        flat = data.detach().reshape(-1).contiguous().view(torch.uint8)
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        fh.write(memoryview(flat.numpy()))
+        self.size += flat.numel()
+        return offset
+
+    def map(self) -> torch.Tensor:
+        """Finish writing and map the file; the whole file as a 1-D uint8 tensor."""
+        if self._mapping is not None:
+            return self._mapping
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self.size == 0:
+            self._mapping = torch.empty(0, dtype=torch.uint8)
+        else:
+            self._mapping = torch.from_file(str(self.path), shared=False, size=self.size, dtype=torch.uint8)
+        return self._mapping
+
+    def view(self, offset: int, nbytes: int) -> torch.Tensor:
+        return self.map()[offset : offset + nbytes]
+
+    def close(self) -> None:
+        """Drop the mapping, delete the file (and the folders this object created, when empty).
+        Safe to call twice."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        self._mapping = None
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("could not delete the offload file %s (%s); delete it by hand", self.path, exc)
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (another streamer's file) or gone: leave it

@@ -3,7 +3,9 @@
 :class:`BlockStreamer` takes a module with repeated blocks and a :class:`StreamingLayout` and
 
 1. packs every streamed block into one contiguous host buffer (pinned where the layout says so),
-   releasing the block's original storage as soon as its packed copy exists;
+   releasing the block's original storage as soon as its packed copy exists; with ``host="disk"``
+   the packed blocks are written one at a time to a file in an offload folder, which is then
+   memory-mapped: host RAM holds page cache the kernel can reclaim, not the weights;
 2. moves the rest of the module and the resident blocks to the device (resident blocks with an
    fp8/int8/cast storage are packed on the device instead and decoded per run);
 3. allocates a ring of ``prefetch + 1`` device slots (each the size of the largest streamed block)
@@ -19,19 +21,27 @@ decoding) runs in CPU tests with bit-identical results.
 
 :meth:`BlockStreamer.restore` puts every parameter back as an ordinary tensor on its original device,
 with its original values (the original values of encoded tensors are kept in host memory for
-this), removes the hooks and frees the slots and pinned buffers. Parameters keep their identity
+this, or in the offload file with ``host="disk"``), removes the hooks, frees the slots and pinned
+buffers and deletes the offload file. Parameters keep their identity
 throughout (only ``.data`` changes), so references held elsewhere stay valid.
 
 While streaming, a streamed block's parameters are views into whichever slot it last ran from:
 reading them outside the block's forward (``state_dict()``, LoRA loading, ``.to()``) gives another
 block's bytes. Inference only: autograd through streamed blocks is not supported.
+
+A module whose weights are still on the meta device (built from its config without weights) can be
+streamed when a ``source`` gives each tensor by its name in the module (:class:`TensorSource`, e.g.
+a safetensors checkpoint): every tensor is read when it is placed, one block at a time, so the whole
+model never sits in RAM. Restoring such a module materializes its weights on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -40,7 +50,7 @@ from torch import nn
 from ..errors import InvalidRequestError, StrategyConflictError
 from .blocks import execution_order, find_block_stacks, module_tensors
 from .copier import Copier, CudaStreamCopier, SyncCopier
-from .host import HostBuffer
+from .host import FileBlock, HostBuffer, OffloadFile, default_offload_folder
 from .kernels import RowDequantizer
 from .layout import (
     ALIGNMENT,
@@ -55,7 +65,16 @@ from .layout import (
 )
 from .scheduler import RingScheduler, StreamingStats
 
-__all__ = ["BlockStreamer", "enable_block_streaming", "HOOK_ROOT", "HOOK_STREAM", "HOOK_DECODE", "streamer_of"]
+__all__ = [
+    "BlockStreamer",
+    "enable_block_streaming",
+    "HOOK_ROOT",
+    "HOOK_STREAM",
+    "HOOK_DECODE",
+    "HOSTS",
+    "TensorSource",
+    "streamer_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +83,18 @@ HOOK_STREAM = "vramkit_stream_block"
 HOOK_DECODE = "vramkit_decode_block"
 _ATTR = "_vramkit_streamer"
 
+#: Where streamed blocks live on the host: ``"ram"`` (pinned or pageable anonymous memory) or
+#: ``"disk"`` (a memory-mapped file in an offload folder).
+HOSTS = ("ram", "disk")
+
 _Owners = list[tuple[nn.Module, str, str]]
+
+
+class TensorSource(Protocol):
+    """Gives the value of a tensor that is still on the meta device, by its dotted name in the
+    streamed module, on ``device`` (read one tensor at a time)."""
+
+    def get(self, name: str, device: torch.device) -> torch.Tensor: ...
 
 
 def streamer_of(module: nn.Module) -> BlockStreamer | None:
@@ -79,7 +109,16 @@ def _assign(owners: _Owners, kind: str, tensor: torch.Tensor) -> None:
     plain tensors, so each owner's entry is replaced."""
     if kind == "parameter":
         owner, attr, _ = owners[0]
-        owner._parameters[attr].data = tensor  # type: ignore[union-attr]
+        param = owner._parameters[attr]
+        assert param is not None
+        if param.device.type == "meta" and tensor.device.type != "meta":
+            # ``set_data`` refuses to turn a meta parameter into a real one: give every registration
+            # one new Parameter (a meta parameter has no value anybody could be holding on to).
+            new = nn.Parameter(tensor, requires_grad=param.requires_grad)
+            for o, a, _ in owners:
+                o._parameters[a] = new
+            return
+        param.data = tensor
     else:
         for owner, attr, _ in owners:
             owner._buffers[attr] = tensor
@@ -113,6 +152,10 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _real(device: torch.device) -> torch.device:
+    return torch.device("cpu") if device.type == "meta" else device
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -138,8 +181,20 @@ class BlockStreamer:
         copier: Copier | None = None,
         pin_method: str = "register",
         fused_decode: bool = True,
+        host: str = "ram",
+        offload_folder: str | Path | None = None,
+        source: TensorSource | None = None,
     ) -> None:
+        if host not in HOSTS:
+            raise InvalidRequestError(f"host={host!r}: use one of {HOSTS}.")
         self.module = module
+        self.host = host
+        self.offload_folder = Path(offload_folder) if offload_folder is not None else default_offload_folder()
+        self.source = source
+        self._file: OffloadFile | None = None
+        self._file_at: dict[int, int] = {}  # streamed block position -> offset of its packed bytes
+        # Encoded entries' original values in the offload file: position -> name -> (offset, dtype, shape)
+        self._retained_at: dict[int, dict[str, tuple[int, torch.dtype, tuple[int, ...]]]] = {}
         self.layout = layout
         self.device = _resolve_device(device)
         self.pin_method = pin_method
@@ -155,7 +210,7 @@ class BlockStreamer:
         self._block_ids = {id(b) for b in self._blocks}
         self._tensors: dict[int, dict[str, tuple[str, _Owners]]] = {}
         self._orig_devices: dict[int, dict[str, torch.device]] = {}
-        self._host: dict[int, HostBuffer] = {}
+        self._host: dict[int, HostBuffer | FileBlock] = {}
         self._dev_bufs: dict[int, torch.Tensor] = {}
         self._retained: dict[int, dict[str, torch.Tensor]] = {}
         self._moved: list[tuple[_Owners, str, torch.device]] = []
@@ -171,6 +226,8 @@ class BlockStreamer:
         self.scheduler: RingScheduler | None = None
         self.pinned_nbytes = 0
         self.pageable_nbytes = 0
+        self.file_nbytes = 0
+        self._names = {id(m): n for n, m in module.named_modules()}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -182,7 +239,8 @@ class BlockStreamer:
         try:
             for b in self.layout.blocks:
                 found = block_tensor_map(self._blocks[b.position])
-                self._orig_devices[b.position] = {name: t.device for name, (_, t, _) in found.items()}
+                # A meta tensor (weights read from a source) is restored onto the CPU.
+                self._orig_devices[b.position] = {name: _real(t.device) for name, (_, t, _) in found.items()}
                 # Keep how to reach each tensor, not the tensor: holding a buffer here would keep
                 # its original storage alive after packing.
                 self._tensors[b.position] = {name: (kind, owners) for name, (kind, _, owners) in found.items()}
@@ -191,6 +249,7 @@ class BlockStreamer:
             # The big fixed buffers first, while the budget is still unfragmented.
             self._allocate_ring()
             self._place_resident_and_rest()
+            self._map_file()
             self._point_all()
             self._install_hooks()
         except BaseException:
@@ -206,7 +265,7 @@ class BlockStreamer:
         lay = self.layout
         logger.info(
             "BlockStreaming on %s: %d resident / %d streamed blocks, %d slots of %.1f MB, "
-            "%.2f GB streamed per forward (%.2f GB pinned, %.2f GB pageable), device %s",
+            "%.2f GB streamed per forward (%.2f GB pinned, %.2f GB pageable, %.2f GB from disk), device %s",
             type(self.module).__name__,
             len(lay.resident_positions),
             len(lay.streamed_positions),
@@ -215,8 +274,15 @@ class BlockStreamer:
             lay.streamed_nbytes / 1e9,
             self.pinned_nbytes / 1e9,
             self.pageable_nbytes / 1e9,
+            self.file_nbytes / 1e9,
             self.device,
         )
+        if self._file is not None:
+            logger.info(
+                "BlockStreaming on %s: streamed blocks memory-mapped from %s",
+                type(self.module).__name__,
+                self._file.path,
+            )
         return self
 
     def restore(self) -> None:
@@ -246,12 +312,35 @@ class BlockStreamer:
                     f"{clashing}; remove them before streaming its blocks."
                 )
 
+    def _full_name(self, owners: _Owners) -> str:
+        owner, attr, _ = owners[0]
+        prefix = self._names.get(id(owner), "")
+        return f"{prefix}.{attr}" if prefix else attr
+
+    def _value(self, owners: _Owners, kind: str, device: torch.device | None = None) -> torch.Tensor:
+        """The tensor's value: as registered, or read from the source when it is on the meta device
+        (onto ``device``, default the CPU)."""
+        t = _current(owners, kind)
+        if t.device.type != "meta":
+            return t
+        if self.source is None:
+            raise InvalidRequestError(
+                f"{type(self.module).__name__}.{self._full_name(owners)} is on the meta device and no weight "
+                "source was given; load the weights first (or use vramkit.load, which streams them from disk)."
+            )
+        value = self.source.get(self._full_name(owners), device or torch.device("cpu"))
+        # The meta tensor carries the dtype the module is meant to have (e.g. after a bf16 cast).
+        return value if value.dtype == t.dtype else value.to(t.dtype)
+
     def _pack_streamed(self) -> None:
+        if self.host == "disk":
+            self._pack_streamed_to_file()
+            return
         for b in self.layout.blocks:
             if b.resident:
                 continue
             tensors = self._tensors[b.position]
-            data = {name: _current(owners, kind) for name, (kind, owners) in tensors.items()}
+            data = {name: self._value(owners, kind) for name, (kind, owners) in tensors.items()}
             host = HostBuffer(b.nbytes, pin=b.pinned and self._cuda, method=self.pin_method)
             try:
                 work = self.device if (self._cuda and b.encoded) else None
@@ -271,8 +360,58 @@ class BlockStreamer:
                 _assign(owners, kind, _placeholder(data[name]))
             del data  # the block's original storage goes with the last reference
 
+    def _pack_streamed_to_file(self) -> None:
+        """Pack each streamed block into a RAM buffer of one block and append it to the offload file:
+        RAM never holds more than one block (plus, while the module is still in RAM, what is not
+        yet packed; each block's original storage goes as soon as it is written)."""
+        self._file = OffloadFile(self.offload_folder, type(self.module).__name__)
+        # One staging buffer for every block: allocating and freeing one per block leaves the C
+        # allocator holding freed blocks' worth of RSS (glibc raises its mmap threshold after a free).
+        staging = torch.empty(
+            max((b.nbytes for b in self.layout.blocks if not b.resident), default=0), dtype=torch.uint8
+        )
+        for b in self.layout.blocks:
+            if b.resident:
+                continue
+            tensors = self._tensors[b.position]
+            data = {name: self._value(owners, kind) for name, (kind, owners) in tensors.items()}
+            view = staging[: b.nbytes]
+            view.zero_()  # alignment padding is written too: keep the file deterministic
+            work = self.device if (self._cuda and b.encoded) else None
+            pack_block(data, b, view, work_device=work)
+            self._file_at[b.position] = self._file.append(view)
+            self._retain(b, data)
+            self.file_nbytes += b.nbytes
+            for name, (kind, owners) in tensors.items():
+                _assign(owners, kind, _placeholder(data[name]))
+            del data
+
+    def _map_file(self) -> None:
+        """Map the offload file and point every streamed block (and retained original) into it."""
+        if self._file is None or self._file.mapped:
+            return
+        self._file.map()
+        for b in self.layout.blocks:
+            if b.position in self._file_at:
+                self._host[b.position] = FileBlock(self._file.view(self._file_at[b.position], b.nbytes))
+            kept = self._retained_at.get(b.position)
+            if kept:
+                self._retained[b.position] = {
+                    name: self._file.view(off, math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+                    for name, (off, dtype, shape) in kept.items()
+                }
+
     def _retain(self, b: BlockLayout, data: dict[str, torch.Tensor]) -> None:
-        """Keep the original values of lossy/cast entries in host memory, for an exact restore."""
+        """Keep the original values of lossy/cast entries for an exact restore: in host memory, or
+        in the offload file with ``host="disk"`` (so they cost no RAM either)."""
+        if self._file is not None:
+            at = {}
+            for e in b.entries:
+                if e.codec != "raw":
+                    at[e.name] = (self._file.append(data[e.name]), e.dtype, e.shape)
+            if at:
+                self._retained_at[b.position] = at
+            return
         kept = {
             e.name: data[e.name] if data[e.name].device.type == "cpu" else data[e.name].to("cpu")
             for e in b.entries
@@ -287,7 +426,7 @@ class BlockStreamer:
                 continue
             tensors = self._tensors[b.position]
             if b.encoded:
-                data = {name: _current(owners, kind) for name, (kind, owners) in tensors.items()}
+                data = {name: self._value(owners, kind) for name, (kind, owners) in tensors.items()}
                 buf = torch.empty(b.nbytes, dtype=torch.uint8, device=self.device)
                 try:
                     pack_block(data, b, buf, work_device=self.device)
@@ -317,6 +456,11 @@ class BlockStreamer:
 
     def _move(self, owners: _Owners, kind: str) -> None:
         t = _current(owners, kind)
+        if t.device.type == "meta":
+            # Read straight onto the device: a resident tensor never passes through host RAM whole.
+            _assign(owners, kind, self._value(owners, kind, self.device))
+            self._moved.append((owners, kind, torch.device("cpu")))
+            return
         if t.device == self.device:
             return
         _assign(owners, kind, t.to(self.device))
@@ -445,6 +589,9 @@ class BlockStreamer:
     def _teardown(self) -> None:
         self._synchronize()
         self._remove_hooks()
+        if self._file is not None:
+            # Blocks written before a failed start are only reachable through the mapping.
+            self._map_file()
         for b in self.layout.blocks:
             pos = b.position
             if pos in self._host:
@@ -457,6 +604,11 @@ class BlockStreamer:
             _assign(owners, kind, _current(owners, kind).to(device))
         self._moved.clear()
         self._retained.clear()
+        self._retained_at.clear()
+        self._file_at.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         self._slot_views.clear()
         self._stored.clear()
         self._dst.clear()
@@ -468,7 +620,7 @@ class BlockStreamer:
         self.scheduler = None
         if self.copier is not None:
             self.copier.close()
-        self.pinned_nbytes = self.pageable_nbytes = 0
+        self.pinned_nbytes = self.pageable_nbytes = self.file_nbytes = 0
 
     def _unpack_to_original(self, b: BlockLayout, buffer: torch.Tensor) -> None:
         pos = b.position
@@ -483,7 +635,9 @@ class BlockStreamer:
                 value = torch.empty(e.shape, dtype=e.dtype, device=device)
                 value.copy_(src)
             else:
-                value = retained[e.name].to(device)
+                # A copy, never a view: a retained value may live in the offload file, deleted next.
+                value = torch.empty(e.shape, dtype=e.dtype, device=device)
+                value.copy_(retained[e.name])
             _assign(owners, kind, value)
 
     def _remove_hooks(self) -> None:
@@ -515,6 +669,9 @@ class BlockStreamer:
                 "device": str(self.device),
                 "pinned_nbytes_actual": self.pinned_nbytes,
                 "pageable_nbytes_actual": self.pageable_nbytes,
+                "host": self.host,
+                "file_nbytes_actual": self.file_nbytes,
+                "offload_file": str(self._file.path) if self._file is not None else None,
                 "copier": type(self.copier).__name__ if self.copier is not None else None,
                 "fused_decodes": self.decoder.fused_calls,
                 "torch_decodes": self.decoder.fallback_calls,
@@ -577,11 +734,23 @@ def enable_block_streaming(
     pin_method: str = "register",
     alignment: int = ALIGNMENT,
     fused_decode: bool = True,
+    host: str = "ram",
+    offload_folder: str | Path | None = None,
+    source: TensorSource | None = None,
 ) -> BlockStreamer:
     """Stream ``module``'s repeated blocks onto ``device``; returns the started :class:`BlockStreamer`
     (call its ``restore()`` to undo). ``resident`` is a count (spread evenly) or explicit positions
-    in execution order; see :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
+    in execution order; ``host="disk"`` keeps the streamed blocks in a memory-mapped file in
+    ``offload_folder``; see :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
     layout = compute_layout(module, resident, prefetch, storage, pinned_limit, alignment)
     return BlockStreamer(
-        module, layout, device=device, copier=copier, pin_method=pin_method, fused_decode=fused_decode
+        module,
+        layout,
+        device=device,
+        copier=copier,
+        pin_method=pin_method,
+        fused_decode=fused_decode,
+        host=host,
+        offload_folder=offload_folder,
+        source=source,
     ).start()

@@ -47,6 +47,12 @@ class Calibration:
     #: pageable host->device (and back) for whole-module moves; flux-facts: 6-8 GB/s, and moving the
     #: 23.8 GB transformer took 3.37 s (7.06 GB/s).
     pageable_bandwidth: float = 7.0e9
+    #: read + copy rate of blocks streamed from a memory-mapped offload file (``BlockStreaming(host=
+    #: "disk")``): the page faults read the file and the copy to the GPU runs from pageable memory, one
+    #: after the other. ASSUMED, not measured: a mid-range NVMe SSD (~3 GB/s sequential reads) through
+    #: page faults; a SATA SSD gives ~0.5 GB/s, pages still in the page cache come at the pageable rate.
+    #: Pass ``disk_bandwidth=`` to plan for another disk.
+    disk_bandwidth: float = 2.0e9
     #: effective rate of accelerate's leaf-level sequential offload; flux-facts: 3.17 s/step for
     #: 23.8 GB of weights (7.5 GB/s, compute included).
     sequential_bandwidth: float = 7.5e9

@@ -63,13 +63,16 @@ def budget_for(
     bandwidth: float | str | None = None,
     extra_ram: int = 0,
     extra_vram: int = 0,
+    disk_bandwidth: float | str | None = None,
 ) -> tuple[Budget, list[str]]:
     """The :class:`Budget` for a probe and optional explicit ``vram``/``ram``/``bandwidth``.
 
     Defaults: VRAM = free on the device plus ``extra_vram`` (what the pipeline to plan already holds
     there: the plan places it anew) minus :func:`default_vram_margin`; RAM = available host RAM plus
     ``extra_ram`` (memory this process already holds that the plan accounts for, such as the
-    pipeline's weights in host RAM); pinnable = 55% of the RAM budget; bandwidth = the probe's.
+    pipeline's weights in host RAM); pinnable = 55% of the RAM budget; bandwidth = the probe's;
+    ``disk_bandwidth`` (read + copy rate of blocks streamed from an offload file) = the calibration's
+    assumed default unless given.
     """
     notes: list[str] = []
     if vram is None:
@@ -114,8 +117,20 @@ def budget_for(
         f"pinnable host RAM {format_bytes(pinned)} ({PINNED_FRACTION:.0%} of the RAM budget); "
         f"host-to-device bandwidth {bw / 1e9:.1f} GB/s ({source})"
     )
+    disk_bw = None if disk_bandwidth is None else parse_bandwidth(disk_bandwidth)
+    if disk_bw is not None:
+        notes.append(f"disk read + copy bandwidth {disk_bw / 1e9:.1f} GB/s (given)")
     device = found.device.split(":")[0] if found.is_gpu else "cuda"
-    return Budget(vram=vram_b, ram=ram_b, pinned=pinned, bandwidth=bw, device=device, bandwidth_source=source), notes
+    budget = Budget(
+        vram=vram_b,
+        ram=ram_b,
+        pinned=pinned,
+        bandwidth=bw,
+        device=device,
+        bandwidth_source=source,
+        disk_bandwidth=disk_bw,
+    )
+    return budget, notes
 
 
 def _request_record(spec: PipelineSpec, req: Request, budget: Budget, quality: str) -> dict[str, Any]:
@@ -135,6 +150,7 @@ def _request_record(spec: PipelineSpec, req: Request, budget: Budget, quality: s
         "pinned_budget": int(budget.pinned),
         "bandwidth": float(budget.bandwidth),
         "bandwidth_source": budget.bandwidth_source,
+        "disk_bandwidth": None if budget.disk_bandwidth is None else float(budget.disk_bandwidth),
     }
 
 
@@ -180,6 +196,11 @@ def plan_for(
                 raise InvalidBudgetError(f"Budget.{label}={v!r} must be a positive number of bytes.")
         if budget.bandwidth <= 0:
             raise InvalidBudgetError(f"Budget.bandwidth={budget.bandwidth!r} must be positive (bytes/s).")
+        if budget.disk_bandwidth is not None and budget.disk_bandwidth <= 0:
+            raise InvalidBudgetError(
+                f"Budget.disk_bandwidth={budget.disk_bandwidth!r} must be positive (bytes/s), or None for the "
+                "assumed default."
+            )
         notes = list(budget.notes)
     else:
         raise InvalidBudgetError(
@@ -276,6 +297,7 @@ def plan_pipeline(
     num_inference_steps: int = 28,
     bandwidth: float | str | None = None,
     calibration: Calibration | None = None,
+    disk_bandwidth: float | str | None = None,
 ) -> Plan:
     """The fastest plan for ``pipe`` and this request, without changing the pipeline.
 
@@ -283,6 +305,8 @@ def plan_pipeline(
     default: what the probe finds free (minus a margin) and the available host RAM plus what the
     pipeline already holds in host RAM. With no GPU and no ``vram``, the plan is empty (with a note);
     with ``vram`` given it plans for a GPU anyway (bandwidth assumed unless given).
+    ``disk_bandwidth``: read + copy rate of blocks streamed from disk when the weights do not fit
+    the RAM budget (default: the calibration's assumed figure).
     """
     if quality not in QUALITIES:
         raise InvalidRequestError(f"quality={quality!r}: use one of {QUALITIES}.")
@@ -311,6 +335,7 @@ def plan_pipeline(
         bandwidth=bandwidth,
         extra_ram=_process_rss() if ram is None else 0,
         extra_vram=_bytes_on(modules, found.device) if (vram is None and found.is_gpu) else 0,
+        disk_bandwidth=disk_bandwidth,
     )
     if ram is None:
         notes.append(f"the pipeline holds {format_bytes(_bytes_on(modules, 'cpu'))} in host RAM now")

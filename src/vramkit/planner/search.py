@@ -2,8 +2,10 @@
 RAM per stage and its time, drop those that do not fit, return the fastest.
 
 A *family* fixes the storage format of the transformer (and ControlNet), where it lives (resident,
-block-streamed, model-offloaded; or everything sequentially offloaded) and where the text encoders
-live (resident, released between prompts by ``PromptCache``, T5 block-streamed). Within a family the
+block-streamed, model-offloaded; or everything sequentially offloaded), where its streamed blocks
+live on the host (RAM, or a memory-mapped offload file on disk when the weights do not fit the RAM
+budget) and where the text encoders live (resident, released between prompts by ``PromptCache``,
+T5 block-streamed from RAM or from disk). Within a family the
 search tries every count of resident blocks, and for each picks the fastest VAE decode option
 (plain, ``VaeSlicing``, ``VaeTiling``) and attention chunk that fit. Options only get added as the
 budget grows, so more VRAM never gives a slower plan.
@@ -58,17 +60,21 @@ class Family:
 
     fmt: str  # transformer (and ControlNet) weights: loaded, bf16, fp8, int8
     place: str  # resident, stream, offload, sequential
-    te: str  # text encoders: resident, cache, stream, none, sequential
+    te: str  # text encoders: resident, cache, stream, stream_disk, none, sequential
+    host: str = "ram"  # where streamed transformer/ControlNet blocks live: ram, disk (offload file)
 
     def describe(self) -> str:
         if self.place == "sequential":
             return "SequentialOffload of every component"
         fmt = {"loaded": "as loaded", "bf16": "bf16", "fp8": "fp8", "int8": "int8"}[self.fmt]
         place = {"resident": "resident", "stream": "block-streamed", "offload": "model-offloaded"}[self.place]
+        if self.place == "stream" and self.host == "disk":
+            place = "block-streamed from disk"
         te = {
             "resident": "text encoders resident",
             "cache": "text encoders released after encoding (PromptCache)",
             "stream": "T5 block-streamed",
+            "stream_disk": "T5 block-streamed from disk",
             "none": "no text encoders",
         }[self.te]
         return f"transformer {fmt} {place}, {te}"
@@ -134,7 +140,8 @@ class Candidate:
             counts = f"{self.r_t}/{n_t} blocks resident"
             if ctx.cn is not None:
                 counts += f", ControlNet {self.r_c}/{ctx.n_blocks('controlnet', self.family.fmt)}"
-            text = text.replace("block-streamed,", f"block-streamed ({counts}),", 1)
+            streamed = "block-streamed from disk," if self.family.host == "disk" else "block-streamed,"
+            text = text.replace(streamed, f"{streamed[:-1]} ({counts}),", 1)
         if self.vae is not None and self.vae.tile:
             text += f", VAE tiles {self.vae.tile}px"
         if self.vae is not None and self.vae.slicing:
@@ -176,6 +183,9 @@ class _Ctx:
         self.W: dict[tuple[str, str], int] = {}
         self.pageable = cal.pageable_bandwidth
         self.bw = budget.bandwidth
+        given = budget.disk_bandwidth is not None
+        self.disk_bw = float(budget.disk_bandwidth) if given else cal.disk_bandwidth  # type: ignore[arg-type]
+        self.disk_source = "given" if given else "assumed: calibration default, not measured"
 
     # --- sizes ----------------------------------------------------------------------------------
 
@@ -349,7 +359,7 @@ def _families(ctx: _Ctx) -> list[Family]:
     else:
         tes = ["resident", "cache"]
         if ctx.can_stream(ctx.t5, "loaded"):
-            tes.append("stream")
+            tes += ["stream", "stream_disk"]
     fams = []
     for fmt in fmts:
         places = ["resident", "offload"]
@@ -358,8 +368,11 @@ def _families(ctx: _Ctx) -> list[Family]:
         for place in places:
             if fmt == "int8" and place != "stream" and not _int8_backend_available():
                 continue
-            for te in tes:
-                fams.append(Family(fmt, place, te))
+            # Streamed blocks may also live in an offload file on disk: slower copies, but host RAM
+            # then holds only the page cache of the blocks in flight (for weights the RAM cannot hold).
+            for host in ("ram", "disk") if place == "stream" else ("ram",):
+                for te in tes:
+                    fams.append(Family(fmt, place, te, host))
     fams.append(Family("loaded", "sequential", "sequential"))
     return fams
 
@@ -382,6 +395,12 @@ def _resident_counts(ctx: _Ctx, fam: Family) -> list[tuple[int, int]]:
         r_c = min(total, n_c)
         out.append((total - r_c, r_c))
     return out
+
+
+def _disk_working_set(g: _Geo) -> int:
+    """Host RAM a component streamed from an offload file needs: the page cache of the blocks in
+    flight, one per ring slot (older pages are clean file pages the kernel drops under pressure)."""
+    return g.slots * g.slot_bytes if g.n_streamed else 0
 
 
 def _greedy_pinned(blocks: tuple[int, ...], limit: int) -> int:
@@ -408,6 +427,7 @@ def _evaluate(
     pin_left = budget.pinned
     pinned = 0
     pageable_copy = 0  # streamed bytes that stay pageable (copied at pageable speed, not overlapped)
+    disk_copy = 0  # streamed bytes read from an offload file (disk rate, not overlapped)
     te_seconds = 0.0
     load_seconds = 0.0
     stream_bytes = 0
@@ -461,15 +481,24 @@ def _evaluate(
             persist += w_vae
             for key, comp, r in parts:
                 g = ctx.geo(comp, fmt, r)
-                pin = _greedy_pinned(g.blocks, pin_left)
-                pin_left -= pin
                 persist += g.device
-                ram += g.streamed + g.retained
-                pinned += pin
                 # A multi-ControlNet's blocks run (and stream) once per control.
                 passes = ctx.spec.controls if key == "c" else 1
-                pageable_copy += passes * (g.streamed - pin)
                 stream_bytes += passes * g.streamed
+                if fam.host == "disk":
+                    # Packed blocks and the originals of encoded ones live in the offload file; RAM
+                    # holds the page cache of the blocks being read and copied (one per slot).
+                    ws = _disk_working_set(g)
+                    ram += ws
+                    disk_copy += passes * g.streamed
+                    info[f"{key}_ws"] = ws
+                    pin = 0
+                else:
+                    pin = _greedy_pinned(g.blocks, pin_left)
+                    pin_left -= pin
+                    ram += g.streamed + g.retained
+                    pinned += pin
+                    pageable_copy += passes * (g.streamed - pin)
                 decoded += g.decoded
                 info[f"{key}_geo"] = g
                 info[f"{key}_pinned"] = pin
@@ -505,11 +534,28 @@ def _evaluate(
             info["t5_pinned"] = pin
             info["t5_one"] = one
             n_steps += 1
+        elif fam.te == "stream_disk":
+            assert ctx.t5 is not None
+            g = ctx.geo(ctx.t5, "loaded", 0)
+            ws = _disk_working_set(g)
+            persist += w_clip + g.device
+            ram += ws
+            t5_c = text_encode_seconds(cal, ctx.t5.sizes, None, ctx.text_tokens)
+            clip_c = text_encode_seconds(cal, None, ctx.clip.sizes, ctx.text_tokens) if ctx.clip is not None else 0.0
+            # Page faults and pageable copies block the host: the reads do not overlap the compute.
+            one = t5_c + g.streamed / ctx.disk_bw + cal.stream_overhead_s + clip_c
+            te_seconds = ctx.te_passes * one
+            info["t5_geo"] = g
+            info["t5_pinned"] = 0
+            info["t5_ws"] = ws
+            info["t5_one"] = one
+            n_steps += 1
         persist += w_other
     info["factor"] = factor
     info["decode_s"] = decode_s
     info["stream_bytes"] = stream_bytes
     info["pageable_copy"] = pageable_copy
+    info["disk_copy"] = disk_copy
 
     # --- stages ---------------------------------------------------------------------------------
     te_raw = persist + te_extra + ctx.t5_act()
@@ -524,8 +570,13 @@ def _evaluate(
             c = c * compute_factor(cal, "loaded", loaded_dtype=ctx.t.sizes.dtype) + cal.step_overhead_s
             return c + stream_bytes / cal.sequential_bandwidth, c
         c = c * info["factor"] + info["decode_s"]
-        copy = (stream_bytes - pageable_copy) / ctx.bw
-        t = ctx.smooth(c, copy) + pageable_copy / ctx.pageable + (cal.stream_overhead_s if stream_bytes else 0.0)
+        copy = (stream_bytes - pageable_copy - disk_copy) / ctx.bw
+        t = (
+            ctx.smooth(c, copy)
+            + pageable_copy / ctx.pageable
+            + disk_copy / ctx.disk_bw
+            + (cal.stream_overhead_s if stream_bytes else 0.0)
+        )
         return t, c
 
     den_opts = []
@@ -768,7 +819,7 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
             BlockStreaming = _block_streaming()
             assert BlockStreaming is not None
             storage = _STORAGE_OF[fam.fmt]
-            copy_s = (info["stream_bytes"] - info["pageable_copy"]) / ctx.bw
+            copy_s = (info["stream_bytes"] - info["pageable_copy"] - info["disk_copy"]) / ctx.bw
             compute_s = info["compute_s"]  # includes the fp8/int8 decode of every encoded block
             parts = [("transformer", cand.r_t, "t")] + ([("controlnet", cand.r_c, "c")] if ctx.cn is not None else [])
             for name, r, key in parts:
@@ -777,11 +828,12 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                     continue
                 pin = info[f"{key}_pinned"]
                 n = g.n_streamed + g.n_resident
-                limit = pin if pin < g.streamed else None
+                on_disk = fam.host == "disk"
+                limit = pin if (pin < g.streamed and not on_disk) else None
                 text = (
                     f"{name} is {_gb(ctx.w(ctx.spec.get(name)))} as loaded; {r} of {n} blocks "
-                    f"({_gb(g.resident_bytes)}) stay on the GPU and {g.n_streamed} stream from host RAM through "
-                    f"{g.slots} slots of {_gb(g.slot_bytes)}"
+                    f"({_gb(g.resident_bytes)}) stay on the GPU and {g.n_streamed} stream from "
+                    f"{'disk' if on_disk else 'host RAM'} through {g.slots} slots of {_gb(g.slot_bytes)}"
                 )
                 if storage in ("fp8", "int8"):
                     text += (
@@ -795,18 +847,37 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                         f"; {_gb(pin)} pinned and {_gb(g.streamed - pin)} pageable (pinnable RAM is "
                         f"{format_bytes(budget.pinned)})"
                     )
-                text += (
-                    f". Per step: copy {_gb(info['stream_bytes'])} at {bw} = {copy_s:.3f} s overlapped with "
-                    f"{compute_s:.3f} s of compute"
-                    + (f" (incl. {info['decode_s']:.3f} s decoding {storage})" if info["decode_s"] else "")
-                    + f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident blocks do not fit."
-                )
+                if on_disk:
+                    ws = info[f"{key}_ws"]
+                    in_ram = cand.ram - ws + g.streamed + g.retained
+                    disk_s = g.streamed / ctx.disk_bw
+                    text += (
+                        f". The streamed blocks ({_gb(g.streamed)}) live in a memory-mapped file in the offload "
+                        f"folder, because keeping them in host RAM would take this plan's RAM to "
+                        f"{format_bytes(in_ram)}, over the {format_bytes(budget.ram)} RAM budget: host RAM holds "
+                        f"only the page cache of the blocks in flight (~{_gb(ws)}, reclaimable). Per step: read "
+                        f"and copy {_gb(g.streamed)} at the disk rate {ctx.disk_bw / 1e9:.1f} GB/s ({ctx.disk_source})"
+                        f" = {disk_s:.3f} s, not overlapped with the {compute_s:.3f} s of compute"
+                        f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident blocks do not fit."
+                    )
+                else:
+                    text += (
+                        f". Per step: copy {_gb(info['stream_bytes'])} at {bw} = {copy_s:.3f} s overlapped with "
+                        f"{compute_s:.3f} s of compute"
+                        + (f" (incl. {info['decode_s']:.3f} s decoding {storage})" if info["decode_s"] else "")
+                        + f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident blocks do not fit."
+                    )
                 if lossless_alt:
                     text += " " + lossless_alt
                 steps.append(
                     (
                         BlockStreaming(
-                            resident=r, prefetch=_PREFETCH, storage=storage, components=(name,), pinned_limit=limit
+                            resident=r,
+                            prefetch=_PREFETCH,
+                            storage=storage,
+                            components=(name,),
+                            pinned_limit=limit,
+                            host=fam.host,
                         ),
                         name,
                         text,
@@ -857,6 +928,24 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                     f"{_gb(w_t5)} resident through every step or {move:.1f} s to move it in and out whole.",
                 )
             )
+    if fam.te == "stream_disk":
+        BlockStreaming = _block_streaming()
+        assert BlockStreaming is not None and ctx.t5 is not None
+        g = info["t5_geo"]
+        w_t5 = ctx.w(ctx.t5)
+        steps.append(
+            (
+                BlockStreaming(resident=0, prefetch=_PREFETCH, components=("text_encoder_2",), host="disk"),
+                "text_encoder_2",
+                f"T5 ({_gb(w_t5)}) does not fit the {format_bytes(budget.vram)} GPU budget beside the rest, and "
+                f"keeping it in host RAM would take this plan's RAM to "
+                f"{format_bytes(cand.ram - info['t5_ws'] + g.streamed)}, over the {format_bytes(budget.ram)} "
+                f"RAM budget: its {g.n_streamed} blocks stream from a memory-mapped file in the offload folder "
+                f"(~{_gb(info['t5_ws'])} of reclaimable page cache in RAM) at the disk rate "
+                f"{ctx.disk_bw / 1e9:.1f} GB/s ({ctx.disk_source}): {info['t5_one']:.2f} s per prompt, "
+                f"{_gb(g.device)} on the GPU.",
+            )
+        )
     if cand.chunk is not None:
         full = transformer_activation_bytes(cal, ctx.t.sizes, ctx.B, ctx.tokens, materialized_scores=True)
         part = transformer_activation_bytes(

@@ -146,7 +146,9 @@ class Request:
 @dataclass(frozen=True)
 class Budget:
     """Memory and bandwidth to plan within. ``pinned`` bounds page-locked host memory (streamed
-    blocks); ``device`` is the device type the plan is for (``"cuda"``, ``"mps"``)."""
+    blocks); ``device`` is the device type the plan is for (``"cuda"``, ``"mps"``);
+    ``disk_bandwidth`` the read + copy rate of blocks streamed from disk (``None``: the
+    calibration's assumed default)."""
 
     vram: int
     ram: int
@@ -154,6 +156,7 @@ class Budget:
     bandwidth: float
     device: str = "cuda"
     bandwidth_source: str = "given"
+    disk_bandwidth: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def with_vram(self, vram: int) -> Budget:

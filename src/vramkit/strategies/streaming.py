@@ -1,6 +1,6 @@
 """``BlockStreaming``: keep as many of a component's repeated blocks on the GPU as the budget allows
-and stream the others from pinned host memory just ahead of use (the mechanism is
-:mod:`vramkit.engine`).
+and stream the others from pinned host memory (or, with ``host="disk"``, from a memory-mapped file
+in an offload folder) just ahead of use (the mechanism is :mod:`vramkit.engine`).
 
 Unlike diffusers' group offloading, which streams every weight every step, only the blocks that do
 not fit are copied, on a side CUDA stream, while the resident blocks compute: the step costs about
@@ -10,6 +10,7 @@ not fit are copied, on a side CUDA stream, while the resident blocks compute: th
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,17 +20,40 @@ from torch import nn
 from .._state import get_state
 from ..engine import BlockStreamer, compute_layout, find_block_stacks, max_resident_for_budget
 from ..engine.layout import STORAGES
+from ..engine.streamer import HOSTS, TensorSource
 from ..errors import InvalidRequestError, UnsupportedPipelineError
 from .base import Strategy, Undo, register_strategy
 from .configs import _components
 
-__all__ = ["BlockStreaming", "apply_block_streaming", "STREAMABLE_COMPONENTS", "NO_CUDA_REASON"]
+__all__ = [
+    "BlockStreaming",
+    "apply_block_streaming",
+    "STREAMABLE_COMPONENTS",
+    "NO_CUDA_REASON",
+    "attach_weight_source",
+    "weight_source_of",
+]
 
 logger = logging.getLogger("vramkit")
 
 #: Components BlockStreaming knows the blocks of.
 STREAMABLE_COMPONENTS = ("transformer", "controlnet", "text_encoder_2")
 NO_CUDA_REASON = "no CUDA device: BlockStreaming is a no-op here"
+_SOURCE_ATTR = "_vramkit_weight_source"
+
+
+def attach_weight_source(module: nn.Module, source: TensorSource | None) -> None:
+    """Tell BlockStreaming where the weights of a module built on the meta device are
+    (:func:`vramkit.load` does this); ``None`` detaches it."""
+    if source is None:
+        module.__dict__.pop(_SOURCE_ATTR, None)
+    else:
+        module.__dict__[_SOURCE_ATTR] = source
+
+
+def weight_source_of(module: nn.Module) -> TensorSource | None:
+    """The weight source attached to ``module`` by :func:`attach_weight_source`, if any."""
+    return module.__dict__.get(_SOURCE_ATTR)
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -65,8 +89,18 @@ class BlockStreaming(Strategy):
       ``resident`` is ``None``.
     - ``pinned_limit``: at most this many bytes of streamed blocks are page-locked; the others stay
       in pageable memory (slower copies that block the host).
+    - ``host``: ``"ram"`` (default) keeps the streamed blocks in host RAM (pinned up to
+      ``pinned_limit``); ``"disk"`` writes them, one block at a time, to a file in
+      ``offload_folder`` and memory-maps it, so host RAM holds only page cache the kernel can
+      reclaim: for when the weights do not fit in RAM. Copies then run at the disk read rate (the
+      first pass) or the pageable rate (pages still cached), well below pinned speed.
+    - ``offload_folder``: where ``host="disk"`` writes (default ``$VRAMKIT_OFFLOAD_DIR``, else
+      ``offload/`` in vramkit's cache directory; put it on a fast local SSD, not on a tmpfs). The
+      file is deleted on restore.
 
-    Without a CUDA device the step is a no-op. Reversible: the original weights (values, devices,
+    Without a CUDA device the step is a no-op, except with ``host="disk"`` and an explicit
+    ``device="cpu"``: the blocks then stream from the file into CPU slots (bounded RAM on a
+    machine without a GPU). Reversible: the original weights (values, devices,
     parameter objects) come back exactly, fp8/int8 included (their originals are kept in host RAM).
     """
 
@@ -77,6 +111,8 @@ class BlockStreaming(Strategy):
     device: str | None = None
     budget: int | None = None
     pinned_limit: int | None = None
+    host: str = "ram"
+    offload_folder: str | None = None
 
     name: ClassVar[str] = "BlockStreaming"
     order: ClassVar[int] = 70
@@ -109,11 +145,31 @@ class BlockStreaming(Strategy):
                 raise InvalidRequestError(f"BlockStreaming(device={self.device!r}): not a device ({exc}).") from None
         _set(self, "budget", _optional_positive_int(self.name, "budget", self.budget, 1))
         _set(self, "pinned_limit", _optional_positive_int(self.name, "pinned_limit", self.pinned_limit, 0))
+        host = self.host.lower() if isinstance(self.host, str) else self.host
+        if host not in HOSTS:
+            raise InvalidRequestError(
+                f"BlockStreaming(host={self.host!r}): use 'ram' (pinned/pageable host memory) or 'disk' "
+                "(a memory-mapped file in offload_folder)."
+            )
+        _set(self, "host", host)
+        if self.offload_folder is not None:
+            if not isinstance(self.offload_folder, (str, os.PathLike)) or not str(self.offload_folder):
+                raise InvalidRequestError(
+                    f"BlockStreaming(offload_folder={self.offload_folder!r}): give a directory path."
+                )
+            if host != "disk":
+                raise InvalidRequestError(
+                    "BlockStreaming(offload_folder=...) is only used with host='disk'; add host='disk' or drop it."
+                )
+            _set(self, "offload_folder", os.fspath(self.offload_folder))
 
     # --- plan-time answers --------------------------------------------------------------------
 
     def _effective(self) -> bool:
-        """Whether the step does anything on this machine (it needs a CUDA device)."""
+        """Whether the step does anything on this machine: it needs a CUDA device, except that
+        streaming from disk into CPU slots is asked for explicitly with ``device="cpu"``."""
+        if self.host == "disk" and self.device is not None and torch.device(self.device).type == "cpu":
+            return True
         if not torch.cuda.is_available():
             return False
         return self.device is None or torch.device(self.device).type == "cuda"
@@ -135,6 +191,12 @@ class BlockStreaming(Strategy):
         if not self._effective():
             return NO_CUDA_REASON
         how = "as many blocks as the budget allows" if self.resident is None else f"{self.resident} blocks"
+        if self.host == "disk":
+            return (
+                f"keeps {how} of {component} on the {self.device or 'GPU'} and streams the others from a "
+                f"memory-mapped file in the offload folder {self.prefetch} block(s) ahead (host RAM holds only "
+                "reclaimable page cache; copies run at disk/pageable speed)"
+            )
         return (
             f"keeps {how} of {component} on the GPU and streams the others from pinned host memory "
             f"{self.prefetch} block(s) ahead, hidden behind the resident blocks' compute"
@@ -185,7 +247,16 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
                 )
             else:
                 layout = compute_layout(target, 0, config.prefetch, config.storage, config.pinned_limit)
-            streamers.append(BlockStreamer(target, layout, device=device).start())
+            streamers.append(
+                BlockStreamer(
+                    target,
+                    layout,
+                    device=device,
+                    host=config.host,
+                    offload_folder=config.offload_folder,
+                    source=weight_source_of(target),
+                ).start()
+            )
     except BaseException:
         for s in reversed(streamers):
             s.restore()
