@@ -21,8 +21,8 @@ Options for the other questions, at one configuration each:
   unprofiled and profiled calls interleaved, medians compared.
 - ``--repeat N``: N calls in a row at the example configuration; allocated and reserved VRAM, pinned
   host memory and RSS after each, and each call's time (issue #5).
-- ``--grab G`` (at ``--grab-at B:HxW``): a second process allocates G GiB on the same GPU 0.3 s
-  into a 28-step call and holds it; the call must finish, through recovery where the memory the
+- ``--grab G`` (at ``--grab-at B:HxW``): a second process allocates G GiB on the same GPU as a
+  28-step call starts (the first pipeline of ``--pipelines``) and holds it; the call must finish, through recovery where the memory the
   plan counted on is gone (issue #5).
 
 Writes ``$OUT/grid_<pipeline>.json`` (and the example files) and prints a table. ``--tiny`` runs the
@@ -345,8 +345,8 @@ time.sleep(600)
 """
 
 
-def grab(pipe: Any, budget_gib: float, size: tuple[int, int], args: argparse.Namespace) -> dict[str, Any]:
-    """A second process takes ``args.grab`` GiB 0.3 s into a 28-step call: the call must finish,
+def grab(pipe: Any, model: str, budget_gib: float, size: tuple[int, int], args: argparse.Namespace) -> dict[str, Any]:
+    """A second process takes ``args.grab`` GiB as a 28-step call starts: the call must finish,
     through vramkit's recovery where the memory it had planned on is gone."""
     import vramkit
 
@@ -358,7 +358,7 @@ def grab(pipe: Any, budget_gib: float, size: tuple[int, int], args: argparse.Nam
     # The second process creates its CUDA context (which takes device memory) before the ballast,
     # as a process already running would have; it allocates when told to.
     child = subprocess.Popen(
-        [sys.executable, "-c", _GRABBER, str(args.grab), "0.3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _GRABBER, str(args.grab), "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert child.stdin is not None and child.stdout is not None
     res["grabber_ready"] = child.stdout.readline().strip()
@@ -372,7 +372,7 @@ def grab(pipe: Any, budget_gib: float, size: tuple[int, int], args: argparse.Nam
         child.stdin.write("go\n")
         child.stdin.flush()
         t0 = time.perf_counter()
-        out = pipe(**call_kwargs("flux-dev", h, w, 28, args.tiny))
+        out = pipe(**call_kwargs(model, h, w, 28, args.tiny, args.control_modes))
         sync()
         res["seconds"] = time.perf_counter() - t0
         res["image_shape"] = list(out.images.shape)
@@ -441,7 +441,7 @@ def main() -> None:
     p.add_argument("--overhead-reps", type=int, default=3)
     p.add_argument("--repeat", type=int, default=0)
     p.add_argument("--grab", type=float, default=0.0, help="GiB a second process takes mid-call")
-    p.add_argument("--grab-at", default="12:1024x1024", help="B:HxW of the --grab run (flux-dev only)")
+    p.add_argument("--grab-at", default="12:2048x2048", help="B:HxW of the --grab run")
     p.add_argument("--control-modes", type=int, default=1, help="union ControlNet modes per call (controlnet only)")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args()
@@ -463,10 +463,10 @@ def main() -> None:
             b, _, s = args.example.partition(":")
             log(f"example report at {b} GiB, {s}")
             result["example"] = example(pipe, float(b), parse_size(s), args, out_dir)
-        if args.grab and model == "flux-dev":
+        if args.grab and model == args.pipelines.split(",")[0]:
             b, _, s = args.grab_at.partition(":")
-            log(f"second process takes {args.grab} GiB at {b} GiB, {s}")
-            result["grab"] = grab(pipe, float(b), parse_size(s), args)
+            log(f"second process takes {args.grab} GiB at {b} GiB, {s} ({model})")
+            result["grab"] = grab(pipe, model, float(b), parse_size(s), args)
         for budget in budgets:
             for size in sizes:
                 row = run_config(pipe, model, budget, size, args)

@@ -139,8 +139,10 @@ class Calibration:
     #: (benchmarks/results/grid_flux-dev_controlnet-union_h200.json: 1.2 and 1.5 residual sets above
     #: the one-control model at 1024^2 and 2048^2).
     multi_control_residual_copies: float = 3.5
-    #: resident set of the Python process with torch and CUDA loaded, before any weight; assumed.
-    host_baseline_bytes: int = int(1.5 * _GiB)
+    #: resident set of the Python process with torch, CUDA and diffusers loaded, before any weight:
+    #: the H200 profile at 8 GiB (benchmarks/results/profile_8gib_1024x1024_h200.json) and the
+    #: sequential-offload rows of the grid measured 0.7-0.8 GiB above the 1.5 GiB first assumed.
+    host_baseline_bytes: int = int(2.3 * _GiB)
     #: whether the pipeline batches the true-CFG negative pass with the positive one (diffusers'
     #: FluxPipeline runs them one after the other, so activations do not double).
     true_cfg_batched: bool = False

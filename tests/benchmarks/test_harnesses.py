@@ -1,0 +1,42 @@
+"""The benchmark scripts' harnesses run end to end on the tiny CPU pipelines (checks the scripts, not
+the figures), and the committed results render."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], out: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OUT=str(out), PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_grid_tiny_writes_rows_with_predictions_and_an_example_report(tmp_path: Path) -> None:
+    proc = _run(
+        ["benchmarks/grid.py", "--tiny", "--pipelines", "flux-dev,flux-dev+controlnet-union", "--control-modes", "2",
+         "--budgets", "6", "--sizes", "32x32", "--example", "6:32x32", "--repeat", "3", "--overhead-reps", "1"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "grid_flux-dev_tiny.json").read_text())
+    (row,) = data["rows"]
+    assert row["status"] == "ok" and row["predicted_peak"] > 0
+    assert {"text_encoding", "denoising_step", "vae_decode"} <= set(row["stages"])
+    assert data["example"]["repeat"]["summary"]["calls"] == 3
+    assert (tmp_path / "profile_6gib_32x32.txt").read_text().startswith("vramkit profile")
+    cn = json.loads((tmp_path / "grid_flux-dev_controlnet-union_tiny.json").read_text())
+    assert cn["control_modes"] == 2 and cn["rows"][0]["status"] == "ok"
+
+
+def test_committed_results_render() -> None:
+    proc = subprocess.run([sys.executable, "benchmarks/render_tables.py"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Predicted vs measured peak VRAM: flux-dev" in proc.stdout
+    committed = (ROOT / "benchmarks" / "results" / "TABLES.md").read_text()
+    assert committed == proc.stdout, "benchmarks/results/TABLES.md is stale: run benchmarks/render_tables.py"
