@@ -22,8 +22,8 @@ Options for the other questions, at one configuration each:
 - ``--repeat N``: N calls in a row at the example configuration; allocated and reserved VRAM, pinned
   host memory and RSS after each, and each call's time (issue #5).
 - ``--grab G`` (at ``--grab-at B:HxW``): a second process allocates G GiB on the same GPU as a
-  28-step call starts (the first pipeline of ``--pipelines``) and holds it; the call must finish, through recovery where the memory the
-  plan counted on is gone (issue #5).
+  28-step call starts (the first pipeline of ``--pipelines``) and holds it; the call must finish,
+  through recovery where the memory the plan counted on is gone (issue #5).
 
 Writes ``$OUT/grid_<pipeline>.json`` (and the example files) and prints a table. ``--tiny`` runs the
 harness on the tiny CPU pipeline (to check the script, not to measure).
@@ -170,7 +170,9 @@ def _stage_rows(prof_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_config(pipe: Any, model: str, budget_gib: float, size: tuple[int, int], args: argparse.Namespace) -> dict[str, Any]:
+def run_config(
+    pipe: Any, model: str, budget_gib: float, size: tuple[int, int], args: argparse.Namespace
+) -> dict[str, Any]:
     import vramkit
 
     h, w = size
@@ -238,7 +240,9 @@ def run_config(pipe: Any, model: str, budget_gib: float, size: tuple[int, int], 
     return row
 
 
-def example(pipe: Any, budget_gib: float, size: tuple[int, int], args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
+def example(
+    pipe: Any, budget_gib: float, size: tuple[int, int], args: argparse.Namespace, out_dir: str
+) -> dict[str, Any]:
     """#6: a full 28-step call profiled (report, JSON, PNG) and the profiler's overhead."""
     import vramkit
 
@@ -414,16 +418,20 @@ def environment() -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'pipeline':<26} {'budget':>6} {'size':>10} {'status':<10} {'pred GiB':>8} {'meas GiB':>8} "
-          f"{'err':>6} {'<=B':>4} {'s/call':>7}")
+    print(
+        f"{'pipeline':<26} {'budget':>6} {'size':>10} {'status':<10} {'pred GiB':>8} {'meas GiB':>8} "
+        f"{'err':>6} {'<=B':>4} {'s/call':>7}"
+    )
     for r in rows:
         pred = r.get("final_predicted_peak", r.get("predicted_peak"))
         meas = r.get("measured_peak")
         err = r.get("error_vs_predicted")
-        print(f"{r['pipeline']:<26} {r['budget_gib']:>6g} {r['height']:>4}x{r['width']:<5} {r.get('status', '?'):<10} "
-              f"{(pred or 0) / GIB:>8.2f} {(meas or 0) / GIB:>8.2f} "
-              f"{(f'{err * 100:+.0f}%' if err is not None else ''):>6} {str(r.get('within_budget', '')):>4} "
-              f"{r.get('call_s', float('nan')):>7.2f}")
+        print(
+            f"{r['pipeline']:<26} {r['budget_gib']:>6g} {r['height']:>4}x{r['width']:<5} {r.get('status', '?'):<10} "
+            f"{(pred or 0) / GIB:>8.2f} {(meas or 0) / GIB:>8.2f} "
+            f"{(f'{err * 100:+.0f}%' if err is not None else ''):>6} {str(r.get('within_budget', '')):>4} "
+            f"{r.get('call_s', float('nan')):>7.2f}"
+        )
 
 
 def parse_size(s: str) -> tuple[int, int]:
@@ -472,8 +480,10 @@ def main() -> None:
                 row = run_config(pipe, model, budget, size, args)
                 result["rows"].append(row)
                 pred = row.get("predicted_peak") or 0
-                log(f"{model} {budget:g} GiB {size[0]}x{size[1]}: {row.get('status')} pred {pred / GIB:.2f} "
-                    f"meas {(row.get('measured_peak') or 0) / GIB:.2f} GiB {row.get('error', '')[:160]}")
+                log(
+                    f"{model} {budget:g} GiB {size[0]}x{size[1]}: {row.get('status')} pred {pred / GIB:.2f} "
+                    f"meas {(row.get('measured_peak') or 0) / GIB:.2f} GiB {row.get('error', '')[:160]}"
+                )
                 result["wall_s"] = time.perf_counter() - t_start
                 with open(path, "w") as f:
                     json.dump(result, f, indent=1, default=str)

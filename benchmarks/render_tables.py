@@ -35,10 +35,15 @@ def streaming(data: dict[str, Any]) -> list[str]:
     ]
     for r in data["rows"]:
         if "s_per_step" not in r:
-            out.append(f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | | | {r.get('error', 'failed')[:60]} | | | | |")
+            out.append(
+                f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | | | {r.get('error', 'failed')[:60]} | | | | |"
+            )
             continue
-        exact = "bit-identical" if r.get("bit_identical") else (
-            f"rel. L2 {r['rel_l2_err']:.1e}" if "rel_l2_err" in r else "differs")
+        exact = (
+            "bit-identical"
+            if r.get("bit_identical")
+            else (f"rel. L2 {r['rel_l2_err']:.1e}" if "rel_l2_err" in r else "differs")
+        )
         out.append(
             f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | {r['resident_blocks']} | {r['streamed_gb']:.1f} | "
             f"{r['s_per_step']:.3f} | {r['L_B']:.3f} | {r['ratio']:.2f} | {r['peak_alloc_gib']:.2f} | {exact} |"

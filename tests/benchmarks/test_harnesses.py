@@ -19,8 +19,24 @@ def _run(args: list[str], out: Path) -> subprocess.CompletedProcess[str]:
 
 def test_grid_tiny_writes_rows_with_predictions_and_an_example_report(tmp_path: Path) -> None:
     proc = _run(
-        ["benchmarks/grid.py", "--tiny", "--pipelines", "flux-dev,flux-dev+controlnet-union", "--control-modes", "2",
-         "--budgets", "6", "--sizes", "32x32", "--example", "6:32x32", "--repeat", "3", "--overhead-reps", "1"],
+        [
+            "benchmarks/grid.py",
+            "--tiny",
+            "--pipelines",
+            "flux-dev,flux-dev+controlnet-union",
+            "--control-modes",
+            "2",
+            "--budgets",
+            "6",
+            "--sizes",
+            "32x32",
+            "--example",
+            "6:32x32",
+            "--repeat",
+            "3",
+            "--overhead-reps",
+            "1",
+        ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,11 +16,15 @@ def _two_mode_union() -> tuple[object, dict[str, object]]:
     pipe.controlnet = FluxMultiControlNetModel([pipe.controlnet])
     kwargs = tiny_call_kwargs("controlnet-union")
     second = tiny_call_kwargs("controlnet-union", seed=1)["control_image"]
-    kwargs.update(control_image=[kwargs["control_image"], second], control_mode=[0, 2],
-                  controlnet_conditioning_scale=[0.4, 0.3],
-                  # diffusers sizes the per-control schedule by the number of nets (one here): without
-                  # one entry per image, zip() silently drops the second control.
-                  control_guidance_start=[0.0, 0.0], control_guidance_end=[1.0, 1.0])
+    kwargs.update(
+        control_image=[kwargs["control_image"], second],
+        control_mode=[0, 2],
+        controlnet_conditioning_scale=[0.4, 0.3],
+        # diffusers sizes the per-control schedule by the number of nets (one here): without
+        # one entry per image, zip() silently drops the second control.
+        control_guidance_start=[0.0, 0.0],
+        control_guidance_end=[1.0, 1.0],
+    )
     return pipe, kwargs
 
 
@@ -28,13 +32,17 @@ def test_stacks_of_a_multi_controlnet_are_its_nets_stacks_each_net_once() -> Non
     pipe = tiny_pipeline("multi-controlnet")
     names = [name for name, _ in find_block_stacks(pipe.controlnet)]
     assert names == [
-        "nets.0.transformer_blocks", "nets.0.single_transformer_blocks",
-        "nets.1.transformer_blocks", "nets.1.single_transformer_blocks",
+        "nets.0.transformer_blocks",
+        "nets.0.single_transformer_blocks",
+        "nets.1.transformer_blocks",
+        "nets.1.single_transformer_blocks",
     ]
     union, _ = _two_mode_union()
     # The same union net listed once runs once per control image: its blocks are listed once.
-    assert [n for n, _ in find_block_stacks(union.controlnet)] == ["nets.0.transformer_blocks",
-                                                                   "nets.0.single_transformer_blocks"]
+    assert [n for n, _ in find_block_stacks(union.controlnet)] == [
+        "nets.0.transformer_blocks",
+        "nets.0.single_transformer_blocks",
+    ]
 
 
 def test_streamed_multi_controlnet_is_bit_identical_and_restores() -> None:
