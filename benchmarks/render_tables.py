@@ -30,7 +30,8 @@ def streaming(data: dict[str, Any]) -> list[str]:
         f"pinned host-to-device {data['bandwidth']['gbps']:.1f} GB/s. L(B) = max(resident compute, streamed bytes / "
         "bandwidth); the fp8 rows' L(B) uses the bf16 compute time.",
         "",
-        "| budget GiB | storage | prefetch | resident blocks | streamed GB | s/step | L(B) | ratio | peak GiB | output |",
+        "| budget GiB | storage | prefetch | resident blocks | streamed GB | s/step | L(B) | ratio | peak GiB "
+        "| output |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
@@ -45,7 +46,8 @@ def streaming(data: dict[str, Any]) -> list[str]:
             else (f"rel. L2 {r['rel_l2_err']:.1e}" if "rel_l2_err" in r else "differs")
         )
         out.append(
-            f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | {r['resident_blocks']} | {r['streamed_gb']:.1f} | "
+            f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | {r['resident_blocks']} | "
+            f"{r['streamed_gb']:.1f} | "
             f"{r['s_per_step']:.3f} | {r['L_B']:.3f} | {r['ratio']:.2f} | {r['peak_alloc_gib']:.2f} | {exact} |"
         )
     return out
