@@ -36,9 +36,8 @@ def streaming(data: dict[str, Any]) -> list[str]:
     ]
     for r in data["rows"]:
         if "s_per_step" not in r:
-            out.append(
-                f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | | | {r.get('error', 'failed')[:60]} | | | | |"
-            )
+            why = r.get("error", "failed")[:60]
+            out.append(f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | | | {why} | | | | |")
             continue
         exact = (
             "bit-identical"
