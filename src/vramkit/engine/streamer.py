@@ -184,6 +184,7 @@ class BlockStreamer:
         host: str = "ram",
         offload_folder: str | Path | None = None,
         source: TensorSource | None = None,
+        park: bool = False,
     ) -> None:
         if host not in HOSTS:
             raise InvalidRequestError(f"host={host!r}: use one of {HOSTS}.")
@@ -228,6 +229,12 @@ class BlockStreamer:
         self.pageable_nbytes = 0
         self.file_nbytes = 0
         self._names = {id(m): n for n, m in module.named_modules()}
+        # Parking (see park()): resident blocks are packed on the device with a host copy, so the
+        # device copy, the ring and the scratch can be freed while other models run.
+        self.parkable = bool(park)
+        self.parked = False
+        self._park_host: dict[int, HostBuffer] = {}
+        self.park_count = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -425,7 +432,7 @@ class BlockStreamer:
             if not b.resident:
                 continue
             tensors = self._tensors[b.position]
-            if b.encoded:
+            if b.encoded or self.parkable:
                 data = {name: self._value(owners, kind) for name, (kind, owners) in tensors.items()}
                 buf = torch.empty(b.nbytes, dtype=torch.uint8, device=self.device)
                 try:
@@ -435,6 +442,10 @@ class BlockStreamer:
                     self._retained.pop(b.position, None)
                     raise
                 self._dev_bufs[b.position] = buf
+                if self.parkable:
+                    host = HostBuffer(b.nbytes, pin=self._cuda, method=self.pin_method)
+                    host.tensor.copy_(buf)
+                    self._park_host[b.position] = host
                 for name, (kind, owners) in tensors.items():
                     _assign(owners, kind, _placeholder(data[name]))
                 del data
@@ -506,6 +517,8 @@ class BlockStreamer:
             elif not b.resident:
                 views = self._views_in_slot(b, 0)
                 self._pointed[b.position] = 0
+            elif b.position in self._dev_bufs:
+                views = decoded_views(self._dev_bufs[b.position], None, b)
             else:
                 continue
             for name, (kind, owners) in tensors.items():
@@ -550,6 +563,8 @@ class BlockStreamer:
 
     def _before_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         self.stats.forwards += 1
+        if self.parked:
+            self.unpark()
         assert self.scheduler is not None
         self.scheduler.begin_forward()
         return _to_device(args, self.device), _to_device(kwargs, self.device)
@@ -578,6 +593,46 @@ class BlockStreamer:
     def _before_decoded(self, b: BlockLayout) -> None:
         decode_block(self._stored_in(b, None), self._scratch_views[b.position], b, self.decoder)
 
+    # --- parking ------------------------------------------------------------------------------
+
+    def park(self) -> None:
+        """Free everything this streamer holds on the device but the module's small "rest": the
+        resident blocks (their host copy stays), the ring and the scratch. The next forward brings
+        them back (:meth:`unpark`): one copy of the resident bytes. Used while another model (the
+        VAE decode) needs the memory; a no-op unless the streamer was built with ``park=True``."""
+        if not self.parkable or self.parked or not self.active:
+            return
+        # The ring is written by the copy stream and the buffers read by queued kernels: wait for
+        # both before the memory goes back to the allocator (once per pipeline call).
+        self._synchronize()
+        for b in self.layout.blocks:
+            for _, (kind, owners) in self._tensors[b.position].items():
+                _assign(owners, kind, _placeholder(_current(owners, kind)))
+        self._dev_bufs.clear()
+        self._slots = []
+        self._scratch = None
+        self._slot_views.clear()
+        self._stored.clear()
+        self._dst.clear()
+        self._scratch_views.clear()
+        self._pointed.clear()
+        self._running_slot.clear()
+        self.scheduler = None
+        self.parked = True
+        self.park_count += 1
+
+    def unpark(self) -> None:
+        """Undo :meth:`park`: reallocate the ring, copy the resident blocks back, re-point."""
+        if not self.parked:
+            return
+        self._allocate_ring()
+        for pos, host in self._park_host.items():
+            buf = torch.empty(host.tensor.numel(), dtype=torch.uint8, device=self.device)
+            buf.copy_(host.tensor, non_blocking=self._cuda)
+            self._dev_bufs[pos] = buf
+        self._point_all()
+        self.parked = False
+
     # --- teardown -----------------------------------------------------------------------------
 
     def _synchronize(self) -> None:
@@ -600,6 +655,12 @@ class BlockStreamer:
             elif pos in self._dev_bufs:
                 self._unpack_to_original(b, self._dev_bufs[pos])
                 del self._dev_bufs[pos]
+            elif pos in self._park_host:
+                self._unpack_to_original(b, self._park_host[pos].tensor)
+        for host in self._park_host.values():
+            host.release()
+        self._park_host.clear()
+        self.parked = False
         for owners, kind, device in reversed(self._moved):
             _assign(owners, kind, _current(owners, kind).to(device))
         self._moved.clear()
@@ -735,6 +796,7 @@ def enable_block_streaming(
     alignment: int = ALIGNMENT,
     fused_decode: bool = True,
     host: str = "ram",
+    park: bool = False,
     offload_folder: str | Path | None = None,
     source: TensorSource | None = None,
 ) -> BlockStreamer:
@@ -751,6 +813,7 @@ def enable_block_streaming(
         pin_method=pin_method,
         fused_decode=fused_decode,
         host=host,
+        park=park,
         offload_folder=offload_folder,
         source=source,
     ).start()

@@ -93,6 +93,7 @@ class _Geo:
     slot_bytes: int
     scratch: int
     blocks: tuple[int, ...]  # packed bytes of each streamed block, in execution order
+    rest: int = 0  # the module outside its blocks (stays on the device when the streamer parks)
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ class _Ctx:
             slot_bytes=lay.slot_nbytes,
             scratch=lay.scratch_nbytes,
             blocks=tuple(b.nbytes for b in lay.blocks if not b.resident),
+            rest=lay.rest_nbytes,
         )
         self._geo[key] = g
         return g
@@ -589,10 +591,30 @@ def _evaluate(
         # diffusers' ControlNet pipelines keep the last step's residuals in a local variable through
         # the VAE decode (H200 grid, two-mode union ControlNet: +0.3 GiB at 1024^2, +1.2 GiB at 2048^2).
         dec_extra += controlnet_residual_bytes(ctx.cn.sizes, ctx.B, ctx.img_tokens, ctx.text_tokens)
+    # Parking (BlockStreaming(park_during_decode=True)): the streamed components free their resident
+    # blocks, ring and scratch before the VAE decodes; the resident blocks keep a pinned host copy
+    # (RAM) and are copied back at the next call's first step (not overlapped: added to the call).
+    parkable = park_resident = 0
+    if fam.place == "stream" and fam.host == "ram":
+        for key in ("t_geo", "c_geo"):
+            g = info.get(key)
+            if g is not None:
+                parkable += g.device - g.rest
+                park_resident += g.resident_bytes
+    park_ok = (
+        parkable > 0
+        and ram + park_resident <= budget.ram
+        and pinned + park_resident <= budget.pinned
+    )
     for opt in vae_opts:
         dec_pad = ctx.pad(persist + dec_extra + opt.dec_bytes)
         enc_pad = ctx.pad(persist + dec_extra + opt.enc_bytes) if ctx.needs_encode() else 0
-        dec_opts.append((dec_pad, enc_pad, opt))
+        dec_opts.append((dec_pad, enc_pad, opt, False, opt.seconds))
+        if park_ok:
+            # The stage starts with everything still placed, then frees it and decodes.
+            parked_pad = ctx.pad(max(persist + dec_extra, persist - parkable + dec_extra + opt.dec_bytes))
+            dec_opts.append((parked_pad, enc_pad, opt, True, opt.seconds + park_resident / ctx.bw))
+    dec_opts.sort(key=lambda d: (d[4], d[2].n_steps, d[3]))
     min_den = min(d[0] for d in den_opts)
     min_dec = min(max(d[0], d[1]) for d in dec_opts)
     cand.min_peak_vram = max(te_pad, min_den, min_dec)
@@ -611,7 +633,13 @@ def _evaluate(
     if dec_pick is None:
         dec_pick = min(dec_opts, key=lambda d: max(d[0], d[1]))
     den_pad, step_seconds, chunk, compute_s = den_pick
-    dec_pad, enc_pad, vae_opt = dec_pick
+    dec_pad, enc_pad, vae_opt, park, _ = dec_pick
+    info["park"] = park
+    if park:
+        info["park_resident"] = park_resident
+        info["park_seconds"] = park_resident / ctx.bw
+        cand.ram = int(ram + park_resident)
+        cand.pinned = int(pinned + park_resident)
     cand.chunk = chunk
     cand.vae = vae_opt
     cand.n_steps += vae_opt.n_steps + int(chunk is not None)
@@ -624,10 +652,11 @@ def _evaluate(
         "vae_decode": StagePrediction(
             vram=ctx.unpad(dec_pad),
             ram=cand.ram,
-            seconds=vae_decode_seconds(cal, req.height, req.width, req.batch_size, tile=vae_opt.tile),
+            seconds=vae_decode_seconds(cal, req.height, req.width, req.batch_size, tile=vae_opt.tile)
+            + info.get("park_seconds", 0.0),
         ),
     }
-    enc_seconds = vae_opt.seconds - stages["vae_decode"].seconds
+    enc_seconds = vae_opt.seconds - stages["vae_decode"].seconds + info.get("park_seconds", 0.0)
     if ctx.needs_encode():
         stages["vae_encode"] = StagePrediction(vram=ctx.unpad(enc_pad), ram=cand.ram, seconds=max(0.0, enc_seconds))
     if load_seconds > 0:
@@ -873,6 +902,14 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                     )
                 if lossless_alt:
                     text += " " + lossless_alt
+                if info.get("park"):
+                    text = text.rstrip(".")
+                    text += (
+                        f"; while the VAE decodes, the resident blocks, ring and scratch are freed (parked) and "
+                        f"come back at the next call's first step ({_gb(info['park_resident'])} from a pinned "
+                        f"host copy, {info['park_seconds']:.2f} s per call), so the decode's activations need not "
+                        "fit beside them"
+                    )
                 steps.append(
                     (
                         BlockStreaming(
@@ -882,6 +919,7 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                             components=(name,),
                             pinned_limit=limit,
                             host=fam.host,
+                            park_during_decode=bool(info.get("park")),
                         ),
                         name,
                         text,

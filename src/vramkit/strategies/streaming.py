@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -94,6 +95,10 @@ class BlockStreaming(Strategy):
       ``offload_folder`` and memory-maps it, so host RAM holds only page cache the kernel can
       reclaim: for when the weights do not fit in RAM. Copies then run at the disk read rate (the
       first pass) or the pageable rate (pages still cached), well below pinned speed.
+    - ``park_during_decode``: free the resident blocks, the ring and the decode scratch while the
+      VAE decodes (the resident blocks keep a pinned host copy, so host RAM grows by their size);
+      the next forward copies them back (once per call). Lets a lossless plan keep more blocks
+      resident without the decode's activations having to fit beside them.
     - ``offload_folder``: where ``host="disk"`` writes (default ``$VRAMKIT_OFFLOAD_DIR``, else
       ``offload/`` in vramkit's cache directory; put it on a fast local SSD, not on a tmpfs). The
       file is deleted on restore.
@@ -113,6 +118,7 @@ class BlockStreaming(Strategy):
     pinned_limit: int | None = None
     host: str = "ram"
     offload_folder: str | None = None
+    park_during_decode: bool = False
 
     name: ClassVar[str] = "BlockStreaming"
     order: ClassVar[int] = 70
@@ -152,6 +158,10 @@ class BlockStreaming(Strategy):
                 "(a memory-mapped file in offload_folder)."
             )
         _set(self, "host", host)
+        if not isinstance(self.park_during_decode, bool):
+            raise InvalidRequestError(
+                f"BlockStreaming(park_during_decode={self.park_during_decode!r}): give True or False."
+            )
         if self.offload_folder is not None:
             if not isinstance(self.offload_folder, (str, os.PathLike)) or not str(self.offload_folder):
                 raise InvalidRequestError(
@@ -255,8 +265,10 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
                     host=config.host,
                     offload_folder=config.offload_folder,
                     source=weight_source_of(target),
+                    park=config.park_during_decode,
                 ).start()
             )
+        unhook = _park_around_vae_decode(pipe, streamers) if config.park_during_decode else None
     except BaseException:
         for s in reversed(streamers):
             s.restore()
@@ -268,9 +280,45 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
         logger.info("BlockStreaming on %s: %s", component, note)
 
     def undo() -> None:
+        if unhook is not None:
+            unhook()
         for s in reversed(streamers):
             s.restore()
         if state is not None:
             state.placed.pop(component or "", None)
 
     return undo
+
+
+def _park_around_vae_decode(pipe: Any, streamers: list[BlockStreamer]) -> Callable[[], None] | None:
+    """Make ``pipe.vae.decode`` park ``streamers`` first; returns the function that takes it back.
+
+    An instance attribute shadows the class's ``decode`` and calls whatever ``decode`` was there
+    before it (another streamer's wrapper, else the class's: vramkit's recovery guard during a call),
+    so several streamed components chain and each undo restores exactly what it replaced.
+    """
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "decode"):
+        logger.info("BlockStreaming(park_during_decode=True): the pipeline has no VAE decode; nothing parks.")
+        return None
+    had_own = "decode" in vae.__dict__
+    previous = vae.__dict__.get("decode")
+
+    def decode(*args: Any, **kwargs: Any) -> Any:
+        for s in streamers:
+            s.park()
+        if previous is not None:
+            return previous(*args, **kwargs)
+        return type(vae).decode(vae, *args, **kwargs)
+
+    decode.__vramkit_park__ = True  # type: ignore[attr-defined]
+    vae.__dict__["decode"] = decode
+
+    def unhook() -> None:
+        if vae.__dict__.get("decode") is decode:
+            if had_own:
+                vae.__dict__["decode"] = previous
+            else:
+                vae.__dict__.pop("decode", None)
+
+    return unhook

@@ -27,6 +27,8 @@ def assert_no_hooks(pipe: Any, original_class: type) -> None:
     assert "encode_prompt" not in pipe.__dict__, "encode_prompt still wrapped"
     assert not getattr(pipe, "_all_hooks", None), "diffusers model-offload hooks left"
     for name, comp in model_components(pipe).items():
+        for method in ("encode", "decode"):
+            assert method not in comp.__dict__, f"{name}.{method} still wrapped"
         for sub_name, sub in comp.named_modules():
             where = f"{name}.{sub_name}" if sub_name else name
             assert not hasattr(sub, "_hf_hook"), f"accelerate hook left on {where}"
