@@ -143,7 +143,11 @@ class Request:
 @dataclass(frozen=True)
 class Budget:
     """Memory and bandwidth to plan within. ``pinned`` bounds page-locked host memory (streamed
-    blocks); ``device`` is the device type the plan is for (``"cuda"``, ``"mps"``)."""
+    blocks); ``device`` is the device type the plan is for (``"cuda"``, ``"mps"``).
+
+    ``devices``: per-device VRAM budgets ``(("cuda:0", bytes), ("cuda:1", bytes))`` to plan across
+    several GPUs (``vram`` is then the first one's); empty for the usual one-device plan. RAM,
+    pinned memory and bandwidth are the host's, shared by every device."""
 
     vram: int
     ram: int
@@ -152,6 +156,7 @@ class Budget:
     device: str = "cuda"
     bandwidth_source: str = "given"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    devices: tuple[tuple[str, int], ...] = ()
 
     def with_vram(self, vram: int) -> Budget:
         return replace(self, vram=int(vram))
