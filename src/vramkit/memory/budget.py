@@ -128,12 +128,14 @@ def format_bytes(n: int | float) -> str:
 
 
 def device_key(key: Any) -> str:
-    """A CUDA device named by ``"cuda:1"``, ``1`` or ``torch.device("cuda", 1)``, as ``"cuda:1"``.
+    """A CUDA device named by ``"cuda:1"``, ``1``, ``"1"`` or ``torch.device("cuda", 1)``, as ``"cuda:1"``.
 
     Raises :class:`~vramkit.errors.InvalidBudgetError` for anything else (another device type, a
     CUDA device without an index, a negative index)."""
     if isinstance(key, bool):
         raise InvalidBudgetError(f"vram key {key!r} is not a device; use 'cuda:0', 'cuda:1', ... or 0, 1, ...")
+    if isinstance(key, str) and key.strip().isdigit():
+        key = int(key)  # "1" as on a command line
     if isinstance(key, int):
         index = key
     else:
@@ -179,9 +181,7 @@ def parse_device_budgets(
     for key, amount in value.items():
         name = device_key(key)
         if name in out:
-            raise InvalidBudgetError(
-                f"vram names {name} twice (as {key!r} and an earlier key); give each device once."
-            )
+            raise InvalidBudgetError(f"vram names {name} twice (as {key!r} and an earlier key); give each device once.")
         if visible is not None and int(name.split(":")[1]) >= visible:
             raise InvalidBudgetError(
                 f"vram names {name}, but this machine has {visible} CUDA device(s) (cuda:0..cuda:{visible - 1}); "
