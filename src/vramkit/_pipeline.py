@@ -58,10 +58,8 @@ def foreign_hooks(pipe: Any) -> list[str]:
         for sub_name, sub in comp.named_modules():
             hook = getattr(sub, "_hf_hook", None)
             if hook is not None and not getattr(hook, "_vramkit", False):
-                found.append(
-                    f"an accelerate hook on {name}{'.' + sub_name if sub_name else ''} "
-                    "(enable_sequential_cpu_offload / enable_model_cpu_offload / device_map)"
-                )
+                found.append(f"an accelerate hook on {name}{'.' + sub_name if sub_name else ''} "
+                             "(enable_sequential_cpu_offload / enable_model_cpu_offload / device_map)")
                 break
         for sub_name, sub in comp.named_modules():
             registry = getattr(sub, "_diffusers_hook", None)
@@ -70,10 +68,8 @@ def foreign_hooks(pipe: Any) -> list[str]:
             owned = getattr(registry, "_vramkit_owned", ())
             names = [n for n in registry.hooks if not n.startswith("vramkit") and n not in owned]
             if names:
-                found.append(
-                    f"diffusers hooks {names} on {name}{'.' + sub_name if sub_name else ''} "
-                    "(enable_group_offload / enable_layerwise_casting / a cache hook)"
-                )
+                found.append(f"diffusers hooks {names} on {name}{'.' + sub_name if sub_name else ''} "
+                             "(enable_group_offload / enable_layerwise_casting / a cache hook)")
                 break
     return found
 

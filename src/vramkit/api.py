@@ -97,9 +97,8 @@ def _check_conflicts(steps: list[PlanStep], available: list[str], n_existing: in
                     "Give each strategy once; to change it, call vramkit.restore(pipe) first."
                 )
             conflicting = b.strategy.name in a.strategy.conflicts_with or a.strategy.name in b.strategy.conflicts_with
-            both_wide = (
-                a.strategy.pipeline_wide and b.strategy.pipeline_wide and a.component is None and b.component is None
-            )
+            both_wide = (a.strategy.pipeline_wide and b.strategy.pipeline_wide
+                         and a.component is None and b.component is None)
             if conflicting and (both_wide or where_a & where_b):
                 shared = sorted(where_a & where_b) or ["the pipeline"]
                 raise StrategyConflictError(
@@ -233,9 +232,7 @@ def optimize(
         if lossy:
             logger.warning(
                 "vramkit chose steps that change numerics (quality=%r): %s. Pass quality='lossless' for "
-                "output bit-identical to the unoptimized pipeline.",
-                quality,
-                "; ".join(lossy),
+                "output bit-identical to the unoptimized pipeline.", quality, "; ".join(lossy),
             )
     budget: int | None = None
     per_device: dict[str, int] | None = None
@@ -300,11 +297,8 @@ def _swap_plan(pipe: Any, new_plan: Plan) -> Plan:
     leftovers = {(step.strategy, step.component) for step in remaining}
     steps = [s for s in new_plan.steps if (s.strategy, s.component) not in leftovers]
     trimmed = Plan(
-        steps=steps,
-        predicted=new_plan.predicted,
-        rejected=new_plan.rejected,
-        request=new_plan.request,
-        notes=new_plan.notes,
+        steps=steps, predicted=new_plan.predicted, rejected=new_plan.rejected,
+        request=new_plan.request, notes=new_plan.notes,
     )
     return _apply(pipe, trimmed)
 
@@ -364,8 +358,7 @@ def restore(pipe: Any) -> None:
     state.applied = [(step, None) for step in remaining]
     names = [f"{s.strategy.describe()} on {s.component or 'pipeline'}" for s in remaining]
     raise IrreversibleError(
-        "Undid every reversible step, but these cannot be undone: "
-        + "; ".join(names)
+        "Undid every reversible step, but these cannot be undone: " + "; ".join(names)
         + ". The pipeline still works in that form; reload it from disk to get the original weights.",
         steps=names,
     )

@@ -109,7 +109,8 @@ class RecoveryController:
             new_plan = self.replan(budget)
         except PlanInfeasibleError as exc:
             raise OutOfMemoryError(
-                f"Out of GPU memory in {stage} ({component}), and no plan fits the {budget} bytes left: {exc}",
+                f"Out of GPU memory in {stage} ({component}), and no plan fits the {budget} bytes left: "
+                f"{exc}",
                 minimum_vram=exc.minimum_vram,
                 stage=stage,
             ) from None
@@ -129,12 +130,7 @@ class RecoveryController:
         self.events.append(event)
         logger.warning(
             "vramkit recovered from out of memory in %s (%s), attempt %d: old plan %s, new plan %s (budget %s)",
-            stage,
-            component,
-            self.attempts_this_call,
-            old_desc,
-            new_desc,
-            budget,
+            stage, component, self.attempts_this_call, old_desc, new_desc, budget,
         )
 
 
@@ -161,9 +157,8 @@ def _guarded(module: Any, component: str, method: str, call: Callable[[], Any]) 
 @functools.cache
 def _recovering_class(cls: type) -> type:
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return _guarded(
-            self, self.__dict__.get("_vramkit_component", "?"), "forward", lambda: cls.__call__(self, *args, **kwargs)
-        )
+        return _guarded(self, self.__dict__.get("_vramkit_component", "?"), "forward",
+                        lambda: cls.__call__(self, *args, **kwargs))
 
     namespace: dict[str, Any] = {
         "__call__": __call__,
@@ -177,9 +172,8 @@ def _recovering_class(cls: type) -> type:
             continue
 
         def method(self: Any, *args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
-            return _guarded(
-                self, self.__dict__.get("_vramkit_component", "?"), _name, lambda: _original(self, *args, **kwargs)
-            )
+            return _guarded(self, self.__dict__.get("_vramkit_component", "?"), _name,
+                            lambda: _original(self, *args, **kwargs))
 
         functools.update_wrapper(method, original)
         namespace[name] = method

@@ -108,12 +108,8 @@ def apply_attention_slicing(pipe: Any, config: AttentionSlicing, component: str 
     originals = [(m, m.processor) for m in targets]
     for m, proc in originals:
         m.processor = ChunkedFluxAttnProcessor(config.chunk, proc)
-    logger.info(
-        "AttentionSlicing: %d attention layers of %s compute %d queries at a time",
-        len(targets),
-        component,
-        config.chunk,
-    )
+    logger.info("AttentionSlicing: %d attention layers of %s compute %d queries at a time",
+                len(targets), component, config.chunk)
 
     def undo() -> None:
         for m, proc in originals:

@@ -123,20 +123,14 @@ def _bitsandbytes(module: torch.nn.Module, weights: str, device: torch.device) -
                 compute = child.weight.dtype
                 if weights == "int8":
                     new = bnb.nn.Linear8bitLt(
-                        child.in_features,
-                        child.out_features,
-                        child.bias is not None,
-                        has_fp16_weights=False,
-                        threshold=6.0,
+                        child.in_features, child.out_features, child.bias is not None,
+                        has_fp16_weights=False, threshold=6.0,
                     )
                     new.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
                 else:
                     new = bnb.nn.Linear4bit(
-                        child.in_features,
-                        child.out_features,
-                        child.bias is not None,
-                        compute_dtype=compute,
-                        quant_type="nf4",
+                        child.in_features, child.out_features, child.bias is not None,
+                        compute_dtype=compute, quant_type="nf4",
                     )
                     new.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
                 if child.bias is not None:

@@ -35,9 +35,8 @@ def full_size_architecture(
     return build_architecture(name, device=device, dtype=dtype)
 
 
-def full_size_pipeline(
-    model: str = "flux-dev", *, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16
-) -> dict[str, Any]:
+def full_size_pipeline(model: str = "flux-dev", *, device: str | torch.device = "meta",
+                       dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
     """The model components of a full pipeline (``--model`` names of ``vramkit plan``) by attribute
     name, each from :func:`full_size_architecture`. Tokenizers and scheduler are not included."""
     spec = PIPELINE_MODELS[model]
