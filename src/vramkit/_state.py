@@ -29,6 +29,14 @@ class PipelineState:
     original_class: type | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     recovery_remove: Any = None  # removes the recovery guards (vramkit.recovery)
+    # component -> torch.device it was bound to by a step with an explicit ``device=`` (Resident,
+    # BlockStreaming): its inputs and outputs cross devices through a vramkit_device hook.
+    devices: dict[str, Any] = field(default_factory=dict)
+
+    def execution_device(self) -> Any:
+        """Where the pipeline should create latents and send inputs: the transformer's device when a
+        step bound it to one (several GPUs), else ``None`` (diffusers decides, as without vramkit)."""
+        return self.devices.get("transformer")
 
     def _refuse_copy(self) -> None:
         from .errors import VramkitError
@@ -72,9 +80,18 @@ def _wrapped_class(cls: type) -> type:
             for hook in reversed(list(current.call_hooks.values()) if current is not None else []):
                 hook.after_call(self)
 
+    def _execution_device(self: Any) -> Any:
+        # diffusers answers with the first component in its signature (the VAE for Flux), which is
+        # wrong once the VAE lives on another GPU than the transformer: latents, prompt embeddings
+        # and the per-step inputs must be created where the transformer runs.
+        state = get_state(self)
+        device = state.execution_device() if state is not None else None
+        return device if device is not None else super(wrapped, self)._execution_device
+
     __call__.__doc__ = cls.__call__.__doc__
     namespace: dict[str, Any] = {
         "__call__": __call__,
+        "_execution_device": property(_execution_device),
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "_vramkit_wrapped": True,
@@ -84,7 +101,8 @@ def _wrapped_class(cls: type) -> type:
     from .lora import pipeline_method_overrides
 
     namespace.update(pipeline_method_overrides(cls))
-    return type(cls.__name__, (cls,), namespace)
+    wrapped = type(cls.__name__, (cls,), namespace)
+    return wrapped
 
 
 def install_call_wrapper(pipe: Any, state: PipelineState) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -184,7 +184,7 @@ def optimize(
     pipe: Any,
     *,
     strategies: Sequence[Strategy] | None = None,
-    vram: int | str | None = None,
+    vram: int | str | Mapping[Any, int | str] | None = None,
     ram: int | str | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -205,6 +205,10 @@ def optimize(
     With ``recover=True`` (the default) every later pipeline call survives an out-of-memory error
     in any component: vramkit re-plans for the memory free then, swaps the new plan in and repeats
     the failed component call (see ``pipe.vramkit_events``). ``recover=False`` leaves OOMs to the caller.
+
+    Several GPUs: ``vram={"cuda:0": "12GiB", "cuda:1": "12GiB"}`` (or no ``vram`` on a machine with
+    several CUDA devices) lets the plan put the transformer on one device and the text encoders and
+    VAE on another; ``pipe._execution_device`` is then the transformer's device.
     """
     _pipeline.check_flux_pipeline(pipe)
     state = get_state(pipe)
@@ -226,6 +230,8 @@ def optimize(
         device=device,
         **planner_kwargs,
     )
+    if isinstance(vram, Mapping):
+        _device_budgets(vram)  # unknown devices fail here, before anything is planned or moved
     if strategies is not None:
         the_plan = plan_from_strategies(pipe, strategies)
     else:
@@ -237,17 +243,32 @@ def optimize(
                 "output bit-identical to the unoptimized pipeline.", quality, "; ".join(lossy),
             )
     budget: int | None = None
-    if recover and vram is not None:
+    per_device: dict[str, int] | None = None
+    if isinstance(vram, Mapping):
+        per_device = _device_budgets(vram)
+        budget = next(iter(per_device.values()))
+    elif recover and vram is not None:
         from .memory.budget import parse_budget
 
         budget = parse_budget(vram, total=torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None)
     applied = _apply(pipe, the_plan)
     if recover:
-        _install_recovery(pipe, budget, request)
+        _install_recovery(pipe, budget, request, per_device)
     return applied
 
 
-def _install_recovery(pipe: Any, budget: int | None, request: dict[str, Any]) -> None:
+def _device_budgets(vram: Mapping[Any, int | str]) -> dict[str, int]:
+    """Per-device budgets checked against the devices of this machine (applying a plan needs them)."""
+    from .memory.budget import parse_device_budgets
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    totals = {f"cuda:{i}": torch.cuda.get_device_properties(i).total_memory for i in range(visible)}
+    return parse_device_budgets(vram, totals=totals, visible=visible)
+
+
+def _install_recovery(
+    pipe: Any, budget: int | None, request: dict[str, Any], per_device: dict[str, int] | None = None
+) -> None:
     from .recovery import RecoveryController, install_recovery
 
     state = get_state(pipe)
@@ -255,9 +276,16 @@ def _install_recovery(pipe: Any, budget: int | None, request: dict[str, Any]) ->
     if state.recovery_remove is not None:  # guards of an earlier optimize() (irreversible plan)
         state.recovery_remove()
         state.recovery_remove = None
+
+    def budget_arg(new_budget: int | None) -> Any:
+        # Recovery shrinks one number; across several devices every budget shrinks by the same share.
+        if per_device is None or new_budget is None or budget is None:
+            return new_budget if per_device is None else per_device
+        return {d: max(1, int(v * new_budget / budget)) for d, v in per_device.items()}
+
     controller = RecoveryController(
         pipe=pipe,
-        replan=lambda new_budget: _per_component(pipe, plan(pipe, vram=new_budget, **request)),
+        replan=lambda new_budget: _per_component(pipe, plan(pipe, vram=budget_arg(new_budget), **request)),
         swap_plan=lambda new_plan: _swap_plan(pipe, new_plan),
         budget=budget,
     )
@@ -289,7 +317,7 @@ def _swap_plan(pipe: Any, new_plan: Plan) -> Plan:
 def plan(
     pipe: Any,
     *,
-    vram: int | str | None = None,
+    vram: int | str | Mapping[Any, int | str] | None = None,
     ram: int | str | None = None,
     height: int | None = None,
     width: int | None = None,

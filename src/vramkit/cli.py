@@ -2,6 +2,7 @@
 
     vramkit plan --model flux-dev --vram 8GiB --size 1024x1024 [--ram 32GiB] [--batch 1]
                  [--quality auto|lossless] [--bandwidth 25GB/s] [--steps 28] [--json]
+    vramkit plan --model flux-dev --vram cuda:0=12GiB,cuda:1=12GiB   (several GPUs; or --devices 2 --vram 12GiB)
     vramkit probe [--device cuda:0] [--json] [--no-measure]
 
 ``plan`` plans for the full-size architecture built on the meta device: no GPU and no weights are
@@ -70,7 +71,13 @@ def _configure_plan(p: argparse.ArgumentParser) -> None:
     from .memory.architectures import PIPELINE_MODELS
 
     p.add_argument("--model", required=True, help="one of: " + ", ".join(PIPELINE_MODELS))
-    p.add_argument("--vram", help="GPU memory budget: bytes, 8GiB, 8GB, 7.5 GiB, or 80%% of this GPU")
+    p.add_argument(
+        "--vram",
+        action="append",
+        help="GPU memory budget: bytes, 8GiB, 8GB, 7.5 GiB, or 80%% of this GPU; per device for several GPUs: "
+        "cuda:0=12GiB,cuda:1=12GiB (or repeat --vram cuda:1=12GiB)",
+    )
+    p.add_argument("--devices", type=int, default=None, help="plan across this many GPUs, each with the --vram budget")
     p.add_argument("--ram", help="host RAM budget (default: available RAM here; 64GiB assumed without a GPU)")
     p.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, multiples of 16 (default 1024x1024)")
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
@@ -83,12 +90,45 @@ def _configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
+def _vram_arg(values: list[str] | None, devices: int | None) -> str | dict[str, str] | None:
+    """``--vram`` (repeatable) and ``--devices`` as a ``vram=`` argument: one budget, or a mapping of
+    devices to budgets (``cuda:0=12GiB,cuda:1=12GiB``; ``--devices 2 --vram 12GiB``)."""
+    if devices is not None and devices < 1:
+        raise UsageError(f"--devices {devices}: must be at least 1")
+    if not values:
+        if devices is not None:
+            raise UsageError("--devices needs --vram, the budget of each device (e.g. --devices 2 --vram 12GiB)")
+        return None
+    items = [item.strip() for v in values for item in v.split(",") if item.strip()]
+    named = [item for item in items if "=" in item]
+    if not named:
+        if len(items) != 1:
+            raise UsageError(f"--vram given {len(items)} budgets without devices; name them: cuda:0=12GiB,cuda:1=12GiB")
+        if devices is None:
+            return items[0]
+        return {f"cuda:{i}": items[0] for i in range(devices)}
+    if len(named) != len(items):
+        raise UsageError("--vram mixes a plain budget with per-device ones; name every device (cuda:0=12GiB,...)")
+    if devices is not None:
+        raise UsageError("--devices goes with one plain --vram budget; per-device budgets already name the devices")
+    out: dict[str, str] = {}
+    from .memory.budget import device_key
+
+    for item in named:
+        key, _, amount = item.partition("=")
+        name = device_key(key.strip())
+        if name in out:
+            raise InvalidBudgetError(f"--vram names {name} twice; give each device once.")
+        out[name] = amount.strip()
+    return out
+
+
 def _run_plan(args: argparse.Namespace) -> int:
     from .memory.architectures import PIPELINE_MODELS
     from .memory.budget import parse_bandwidth, parse_budget
     from .memory.calibration import Calibration
     from .memory.probe import probe
-    from .planner import Request, budget_for, plan_for, spec_from_model
+    from .planner import Request, budget_for, budget_for_devices, plan_for, probe_devices, spec_from_model
     from .planner.spec import validate_size
 
     if args.model not in PIPELINE_MODELS:
@@ -101,10 +141,11 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--steps {args.steps}: must be at least 1")
     # Check every budget before the (slower) model build, so bad input fails fast.
     found = probe(measure_bandwidth=args.bandwidth is None)
-    if args.vram is None and not found.is_gpu:
+    vram = _vram_arg(args.vram, args.devices)
+    if vram is None and not found.is_gpu:
         raise UsageError("no GPU found here: give --vram (e.g. --vram 8GiB) to plan for a GPU")
-    if args.vram is not None:
-        parse_budget(args.vram, total=found.total_vram or None, what="--vram")
+    if isinstance(vram, str):
+        parse_budget(vram, total=found.total_vram or None, what="--vram")
     ram = args.ram
     notes: list[str] = []
     if ram is None and not found.is_gpu:
@@ -126,7 +167,21 @@ def _run_plan(args: argparse.Namespace) -> int:
     calibration = Calibration.load(args.calibration) if args.calibration else None
     started = time.perf_counter()
     spec = spec_from_model(args.model)
-    budget, budget_notes = budget_for(found, vram=args.vram, ram=ram, bandwidth=args.bandwidth)
+    if isinstance(vram, dict):
+        import torch
+
+        # On a machine without CUDA the plan is for another machine: any cuda:N is accepted.
+        cuda = torch.cuda.is_available()
+        budget, budget_notes = budget_for_devices(
+            probe_devices(measure_bandwidth=args.bandwidth is None) if cuda else [],
+            vram=vram,
+            ram=ram,
+            bandwidth=args.bandwidth,
+            visible=torch.cuda.device_count() if cuda else None,
+            host=found,
+        )
+    else:
+        budget, budget_notes = budget_for(found, vram=vram, ram=ram, bandwidth=args.bandwidth)
     if notes:  # the RAM budget was assumed, not given
         budget_notes = [n.replace("(given)", "(assumed)") if n.startswith("RAM budget") else n for n in budget_notes]
     budget = replace(budget, notes=tuple(notes + budget_notes))

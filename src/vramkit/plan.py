@@ -58,18 +58,28 @@ class PlanStep:
 @dataclass(frozen=True)
 class StagePrediction:
     """Predicted peak memory (bytes) and time (seconds) of one stage: ``text_encoding``,
-    ``denoising_step`` or ``vae_decode`` (and ``load`` for one-off moves)."""
+    ``denoising_step`` or ``vae_decode`` (and ``load`` for one-off moves). In a plan across several
+    GPUs, ``devices`` has each device's peak and ``vram`` is the largest of them."""
 
     vram: int
     ram: int
     seconds: float
+    devices: dict[str, int] = field(default_factory=dict)  # per-device VRAM of a several-GPU plan
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vram": int(self.vram), "ram": int(self.ram), "seconds": float(self.seconds)}
+        out: dict[str, Any] = {"vram": int(self.vram), "ram": int(self.ram), "seconds": float(self.seconds)}
+        if self.devices:  # absent for one-device plans, whose JSON stays as it was
+            out["devices"] = {k: int(v) for k, v in self.devices.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StagePrediction:
-        return cls(vram=int(data["vram"]), ram=int(data["ram"]), seconds=float(data["seconds"]))
+        return cls(
+            vram=int(data["vram"]),
+            ram=int(data["ram"]),
+            seconds=float(data["seconds"]),
+            devices={k: int(v) for k, v in data.get("devices", {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,15 @@ class Predicted:
     seconds_per_image: float
     num_inference_steps: int
     stages: dict[str, StagePrediction] = field(default_factory=dict)
+
+    @property
+    def peak_vram_by_device(self) -> dict[str, int]:
+        """Each device's peak over the stages (empty for a one-device plan)."""
+        out: dict[str, int] = {}
+        for st in self.stages.values():
+            for dev, v in st.devices.items():
+                out[dev] = max(out.get(dev, 0), v)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -187,12 +206,22 @@ class Plan:
                 f"  predicted: peak VRAM {_fmt_bytes(p.peak_vram)}, peak RAM {_fmt_bytes(p.peak_ram)}, "
                 f"{p.seconds_per_step:.3f} s/step, {p.seconds_per_image:.1f} s/image ({p.num_inference_steps} steps)"
             )
+            by_device = p.peak_vram_by_device
+            if by_device:
+                lines.append(
+                    "  peak VRAM per device: " + ", ".join(f"{d} {_fmt_bytes(v)}" for d, v in by_device.items())
+                )
             if p.stages:
-                lines.append(f"    {'stage':<16} {'VRAM':>10} {'RAM':>10} {'seconds':>9}")
+                devs = list(by_device)
+                head = "".join(f" {d:>10}" for d in devs) if devs else f" {'VRAM':>10}"
+                lines.append(f"    {'stage':<16}{head} {'RAM':>10} {'seconds':>9}")
                 for name, st in p.stages.items():
-                    lines.append(
-                        f"    {name:<16} {_fmt_bytes(st.vram):>10} {_fmt_bytes(st.ram):>10} {st.seconds:>9.3f}"
+                    cols = (
+                        "".join(f" {_fmt_bytes(st.devices.get(d)):>10}" for d in devs)
+                        if devs
+                        else f" {_fmt_bytes(st.vram):>10}"
                     )
+                    lines.append(f"    {name:<16}{cols} {_fmt_bytes(st.ram):>10} {st.seconds:>9.3f}")
         if self.rejected:
             lines.append(f"  rejected alternatives ({len(self.rejected)}):")
             for r in self.rejected[:10]:

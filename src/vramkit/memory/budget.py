@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import InvalidBudgetError
 
-__all__ = ["parse_budget", "parse_bandwidth", "format_bytes", "UNITS"]
+__all__ = ["parse_budget", "parse_bandwidth", "parse_device_budgets", "device_key", "format_bytes", "UNITS"]
 
 #: Multiplier of every accepted unit (lower case).
 UNITS: dict[str, int] = {
@@ -123,3 +125,74 @@ def format_bytes(n: int | float) -> str:
     if abs(n) >= 1024**3:
         return f"{n / 1024**3:.2f} GiB"
     return f"{n / 1024**2:.0f} MiB"
+
+
+def device_key(key: Any) -> str:
+    """A CUDA device named by ``"cuda:1"``, ``1``, ``"1"`` or ``torch.device("cuda", 1)``, as ``"cuda:1"``.
+
+    Raises :class:`~vramkit.errors.InvalidBudgetError` for anything else (another device type, a
+    CUDA device without an index, a negative index)."""
+    if isinstance(key, bool):
+        raise InvalidBudgetError(f"vram key {key!r} is not a device; use 'cuda:0', 'cuda:1', ... or 0, 1, ...")
+    if isinstance(key, str) and key.strip().isdigit():
+        key = int(key)  # "1" as on a command line
+    if isinstance(key, int):
+        index = key
+    else:
+        import torch
+
+        try:
+            dev = torch.device(key)
+        except (RuntimeError, TypeError):
+            raise InvalidBudgetError(
+                f"vram key {key!r} is not a device; use 'cuda:0', 'cuda:1', ... or 0, 1, ..."
+            ) from None
+        if dev.type != "cuda":
+            raise InvalidBudgetError(
+                f"vram key {key!r}: per-device budgets are for CUDA devices; use 'cuda:0', 'cuda:1', ..."
+            )
+        if dev.index is None:
+            raise InvalidBudgetError(f"vram key {key!r} names no device index; use 'cuda:0', 'cuda:1', ...")
+        index = dev.index
+    if index < 0:
+        raise InvalidBudgetError(f"vram key {key!r}: a device index is 0 or more.")
+    return f"cuda:{index}"
+
+
+def parse_device_budgets(
+    value: Mapping[Any, int | float | str],
+    *,
+    totals: Mapping[str, int] | None = None,
+    visible: int | None = None,
+) -> dict[str, int]:
+    """Per-device VRAM budgets in bytes, by ``"cuda:N"``, from a mapping such as
+    ``{"cuda:0": "12GiB", "cuda:1": "12GiB"}`` (keys may also be ints or ``torch.device``).
+
+    ``totals`` (device -> bytes) resolves percentages and caps each budget at its device's size;
+    ``visible`` (the number of CUDA devices here, ``None`` when planning for another machine)
+    rejects devices that do not exist. Raises :class:`~vramkit.errors.InvalidBudgetError` for an
+    empty mapping, an unknown or duplicated device, and a non-positive or unparseable value.
+    """
+    if not isinstance(value, Mapping):
+        raise InvalidBudgetError(f"per-device vram must be a mapping like {{'cuda:0': '12GiB'}}, got {value!r}.")
+    if not value:
+        raise InvalidBudgetError("vram={} names no device; give e.g. {'cuda:0': '12GiB', 'cuda:1': '12GiB'}.")
+    out: dict[str, int] = {}
+    for key, amount in value.items():
+        name = device_key(key)
+        if name in out:
+            raise InvalidBudgetError(f"vram names {name} twice (as {key!r} and an earlier key); give each device once.")
+        if visible is not None and int(name.split(":")[1]) >= visible:
+            raise InvalidBudgetError(
+                f"vram names {name}, but this machine has {visible} CUDA device(s) (cuda:0..cuda:{visible - 1}); "
+                "check CUDA_VISIBLE_DEVICES or plan for another machine without a GPU here (vramkit plan)."
+            )
+        total = (totals or {}).get(name)
+        n = parse_budget(amount, total=total, what=f"vram for {name}")
+        if total and n > total:
+            raise InvalidBudgetError(
+                f"vram for {name} {amount!r} is more than the device's {format_bytes(total)}; "
+                "give at most its size (or a share like '90%')."
+            )
+        out[name] = n
+    return out

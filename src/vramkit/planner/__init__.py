@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ..errors import InvalidBudgetError, InvalidRequestError
-from ..memory.budget import format_bytes, parse_bandwidth, parse_budget
+from ..memory.budget import device_key, format_bytes, parse_bandwidth, parse_budget, parse_device_budgets
 from ..memory.calibration import Calibration
 from ..memory.probe import PINNED_FRACTION, DeviceProbe, probe
 from ..plan import Plan
@@ -30,6 +31,8 @@ __all__ = [
     "plan_for",
     "plan_pipeline",
     "budget_for",
+    "budget_for_devices",
+    "probe_devices",
     "default_vram_margin",
     "spec_from_model",
     "spec_from_modules",
@@ -133,7 +136,69 @@ def budget_for(
     return budget, notes
 
 
+def probe_devices(*, measure_bandwidth: bool = True) -> list[DeviceProbe]:
+    """A :func:`~vramkit.memory.probe.probe` of every visible CUDA device (empty without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    return [probe(f"cuda:{i}", measure_bandwidth=measure_bandwidth) for i in range(torch.cuda.device_count())]
+
+
+def budget_for_devices(
+    probes: list[DeviceProbe],
+    *,
+    vram: Mapping[Any, int | str] | None = None,
+    ram: int | str | None = None,
+    bandwidth: float | str | None = None,
+    extra_ram: int = 0,
+    extra_vram: Mapping[str, int] | None = None,
+    visible: int | None = None,
+    host: DeviceProbe | None = None,
+) -> tuple[Budget, list[str]]:
+    """The :class:`Budget` for several devices: ``vram`` maps devices to budgets (``{"cuda:0":
+    "12GiB", 1: "80%"}``); without it, every probed device gives what is free on it (plus what the
+    pipeline holds there, ``extra_vram``) minus :func:`default_vram_margin`. ``probes`` are the
+    devices of this machine (empty when planning for another one, then ``visible`` is ``None`` and
+    any ``cuda:N`` is accepted). RAM and pinned memory are the host's (``host``: the probe to read
+    them from when ``probes`` has none of the named devices); the bandwidth is the slowest link."""
+    by_name = {p.device: p for p in probes}
+    notes: list[str] = []
+    if vram is None:
+        if not probes:
+            raise InvalidBudgetError("no CUDA device here to plan across; pass vram={'cuda:0': '12GiB', ...}.")
+        per: dict[str, int] = {}
+        for p in probes:
+            held = int((extra_vram or {}).get(p.device, 0))
+            usable = p.free_vram + max(0, held)
+            margin = default_vram_margin(usable)
+            per[p.device] = usable - margin
+            notes.append(
+                f"VRAM budget on {p.device}: {format_bytes(p.free_vram)} free on {p.name}"
+                + (f" + {format_bytes(held)} the pipeline holds there" if held > 0 else "")
+                + f" minus a {format_bytes(margin)} margin = {format_bytes(per[p.device])}"
+            )
+        per = {d: v for d, v in per.items() if v > 0}
+        if not per:
+            raise InvalidBudgetError("no CUDA device has memory free beyond the margin; free memory or pass vram=.")
+    else:
+        totals = {p.device: p.total_vram for p in probes if p.total_vram}
+        per = parse_device_budgets(vram, totals=totals, visible=visible)
+        notes.append("VRAM budgets: " + ", ".join(f"{d} {format_bytes(v)}" for d, v in per.items()) + " (given)")
+    first = by_name.get(next(iter(per)))
+    reference = first or host or (probes[0] if probes else None)
+    if reference is None:
+        raise InvalidBudgetError("budget_for_devices needs a probe of this machine (host=) for its RAM.")
+    budget, rest = budget_for(
+        reference, vram=next(iter(per.values())), ram=ram, bandwidth=bandwidth, extra_ram=extra_ram
+    )
+    linked = [by_name[d].h2d_bandwidth for d in per if d in by_name and by_name[d].is_gpu]
+    if bandwidth is None and len(linked) > 1 and min(linked) < budget.bandwidth:
+        budget = replace(budget, bandwidth=min(linked))
+    notes += [n for n in rest if not n.startswith("VRAM budget")]
+    return replace(budget, device="cuda", devices=tuple(per.items())), notes
+
+
 def _request_record(spec: PipelineSpec, req: Request, budget: Budget, quality: str) -> dict[str, Any]:
+    extra: dict[str, Any] = {"vram_budgets": dict(budget.devices)} if budget.devices else {}
     return {
         "model": spec.name,
         "kind": spec.kind,
@@ -151,6 +216,7 @@ def _request_record(spec: PipelineSpec, req: Request, budget: Budget, quality: s
         "bandwidth": float(budget.bandwidth),
         "bandwidth_source": budget.bandwidth_source,
         "disk_bandwidth": None if budget.disk_bandwidth is None else float(budget.disk_bandwidth),
+        **extra,
     }
 
 
@@ -201,6 +267,12 @@ def plan_for(
                 f"Budget.disk_bandwidth={budget.disk_bandwidth!r} must be positive (bytes/s), or None for the "
                 "assumed default."
             )
+        names = [device_key(d) for d, _ in budget.devices]
+        if len(set(names)) != len(names):
+            raise InvalidBudgetError(f"Budget.devices names a device twice: {names}.")
+        for d, v in budget.devices:
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InvalidBudgetError(f"Budget.devices: {d}={v!r} must be a positive number of bytes.")
         notes = list(budget.notes)
     else:
         raise InvalidBudgetError(
@@ -285,7 +357,7 @@ def _bytes_on(modules: Mapping[str, torch.nn.Module], device: str) -> int:
 def plan_pipeline(
     pipe: Any,
     *,
-    vram: int | str | None = None,
+    vram: int | str | Mapping[Any, int | str] | None = None,
     ram: int | str | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -307,6 +379,11 @@ def plan_pipeline(
     with ``vram`` given it plans for a GPU anyway (bandwidth assumed unless given).
     ``disk_bandwidth``: read + copy rate of blocks streamed from disk when the weights do not fit
     the RAM budget (default: the calibration's assumed figure).
+
+    Several GPUs: ``vram`` may map devices to budgets (``{"cuda:0": "12GiB", "cuda:1": "12GiB"}``,
+    keys also ``0``/``1`` or ``torch.device``); with no ``vram`` and no ``device`` on a machine with
+    several CUDA devices, each gets what is free on it minus a margin. The plan may then place the
+    transformer and the text encoders/VAE on different devices (see :mod:`vramkit.planner.devices`).
     """
     if quality not in QUALITIES:
         raise InvalidRequestError(f"quality={quality!r}: use one of {QUALITIES}.")
@@ -323,11 +400,27 @@ def plan_pipeline(
         true_cfg=bool(true_cfg),
     )
     found = probe(device, measure_bandwidth=bandwidth is None)
-    if not found.is_gpu and vram is None:
-        return _no_gpu_plan(spec, req, quality, found)
     from .._pipeline import model_components
 
     modules = model_components(pipe)
+    several = vram is None and device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1
+    if isinstance(vram, Mapping) or several:
+        # Several GPUs: per-device budgets (given, or what each visible device has free).
+        probes = probe_devices(measure_bandwidth=bandwidth is None)
+        budget, notes = budget_for_devices(
+            probes,
+            vram=vram,
+            ram=ram,
+            bandwidth=bandwidth,
+            extra_ram=_process_rss() if ram is None else 0,
+            extra_vram={p.device: _bytes_on(modules, p.device) for p in probes} if vram is None else None,
+            visible=torch.cuda.device_count() if torch.cuda.is_available() else None,
+            host=found,
+        )
+        record = _request_record(spec, req, budget, quality)
+        return search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+    if not found.is_gpu and vram is None:
+        return _no_gpu_plan(spec, req, quality, found)
     budget, notes = budget_for(
         found,
         vram=vram,

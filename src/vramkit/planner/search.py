@@ -705,7 +705,7 @@ class SearchResult:
     ctx: _Ctx
 
 
-def _run(ctx: _Ctx) -> SearchResult:
+def _run(ctx: _Ctx, families: list[Family] | None = None) -> SearchResult:
     vae_opts = ctx.vae_options()
     chunks = ctx.chunk_options()
     by_family: dict[Family, Candidate] = {}
@@ -714,7 +714,7 @@ def _run(ctx: _Ctx) -> SearchResult:
     minimum_ram: int | None = None
     evaluated = 0
     budget = ctx.budget
-    for fam in _families(ctx):
+    for fam in _families(ctx) if families is None else families:
         fam_best: Candidate | None = None
         fam_closest: Candidate | None = None
         for r_t, r_c in _resident_counts(ctx, fam):
@@ -1130,6 +1130,10 @@ def search(
         raise InvalidRequestError(f"quality={quality!r}: use one of {QUALITIES}.")
     cal = calibration if calibration is not None else Calibration.load()
     streaming = _block_streaming() is not None
+    if budget.devices:
+        from .devices import search_devices
+
+        return search_devices(spec, req, budget, quality, cal, streaming, dict(request_record or {}), list(notes or []))
     ctx = _Ctx(spec, req, budget, quality, cal, streaming)
     res = _run(ctx)
     best = res.best

@@ -148,7 +148,11 @@ class Budget:
     """Memory and bandwidth to plan within. ``pinned`` bounds page-locked host memory (streamed
     blocks); ``device`` is the device type the plan is for (``"cuda"``, ``"mps"``);
     ``disk_bandwidth`` the read + copy rate of blocks streamed from disk (``None``: the
-    calibration's assumed default)."""
+    calibration's assumed default).
+
+    ``devices``: per-device VRAM budgets ``(("cuda:0", bytes), ("cuda:1", bytes))`` to plan across
+    several GPUs (``vram`` is then the first one's); empty for the usual one-device plan. RAM,
+    pinned memory and bandwidth are the host's, shared by every device."""
 
     vram: int
     ram: int
@@ -158,6 +162,7 @@ class Budget:
     bandwidth_source: str = "given"
     disk_bandwidth: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    devices: tuple[tuple[str, int], ...] = ()
 
     def with_vram(self, vram: int) -> Budget:
         return replace(self, vram=int(vram))

@@ -46,6 +46,21 @@ def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
 
 
+def _device_name(owner: str, value: Any) -> str | None:
+    """A ``device=`` argument as a string (``torch.device`` and ints accepted, so plans stay JSON)."""
+    if value is None:
+        return None
+    import torch
+
+    if isinstance(value, bool):
+        raise InvalidRequestError(f"{owner}(device={value!r}): give a device such as 'cuda:1'.")
+    try:
+        dev = torch.device(f"cuda:{value}" if isinstance(value, int) else value)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidRequestError(f"{owner}(device={value!r}): not a device ({exc}); e.g. 'cuda:1'.") from None
+    return str(dev)
+
+
 @dataclass(frozen=True)
 class Precision(Strategy):
     """Cast components to bf16, fp16 or fp32. fp16 leaves T5 (``text_encoder_2``) alone unless
@@ -298,7 +313,12 @@ class GradientCheckpointing(Strategy):
 @dataclass(frozen=True)
 class Resident(Strategy):
     """Keep whole components on the GPU for the entire call (the fastest place for a component
-    that fits). ``device`` defaults to the current CUDA device (the CPU on a machine without one)."""
+    that fits). ``device`` defaults to the current CUDA device (the CPU on a machine without one).
+
+    With an explicit ``device`` the component may live on another GPU than the transformer: its
+    inputs move to its device and its outputs back, and a transformer given a device becomes the
+    pipeline's execution device (``Resident(("text_encoder", "text_encoder_2", "vae"), device="cuda:1")``
+    beside ``Resident(("transformer",), device="cuda:0")``)."""
 
     components: tuple[str, ...] | None = None
     device: str | None = None
@@ -310,6 +330,7 @@ class Resident(Strategy):
 
     def __post_init__(self) -> None:
         _set(self, "components", _components(self.components))
+        _set(self, "device", _device_name(self.name, self.device))
 
     def default_reason(self, component: str | None) -> str:
         return "fits on the GPU: no transfer at all during the call"

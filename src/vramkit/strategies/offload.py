@@ -13,6 +13,7 @@ from .._state import get_state
 from ..errors import StrategyConflictError
 from .base import Undo, register_strategy
 from .configs import ModelOffload, Resident, SequentialOffload
+from .placement import bind_device
 
 logger = logging.getLogger("vramkit")
 
@@ -193,11 +194,16 @@ def apply_resident(pipe: Any, config: Resident, component: str | None) -> Undo |
     module = getattr(pipe, component)
     original = _component_device(module)
     module.to(device)
+    # An explicit device may differ from the pipeline's execution device (several GPUs): route the
+    # component's inputs and outputs across devices. Without one, everything shares one device.
+    unbind = bind_device(pipe, component, module, device) if config.device is not None else None
     state = get_state(pipe)
     if state is not None:
         state.placed[component] = "Resident"
 
     def undo() -> None:
+        if unbind is not None:
+            unbind()
         module.to(original)
         if state is not None:
             state.placed.pop(component, None)

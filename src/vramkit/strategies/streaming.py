@@ -25,6 +25,7 @@ from ..engine.streamer import HOSTS, TensorSource
 from ..errors import InvalidRequestError, UnsupportedPipelineError
 from .base import Strategy, Undo, register_strategy
 from .configs import _components
+from .placement import bind_device
 
 __all__ = [
     "BlockStreaming",
@@ -273,6 +274,9 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
         for s in reversed(streamers):
             s.restore()
         raise
+    # With an explicit device (several GPUs) the component's outputs go back to the execution
+    # device; registered after the streamer's hooks so it is outermost and sees the caller's inputs.
+    unbind = bind_device(pipe, component or "", module, device) if config.device is not None else None
     state = get_state(pipe)
     if state is not None:
         state.placed[component or ""] = "BlockStreaming"
@@ -280,6 +284,9 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
         logger.info("BlockStreaming on %s: %s", component, note)
 
     def undo() -> None:
+        # Reverse order of apply: the device hook went on last.
+        if unbind is not None:
+            unbind()
         if unhook is not None:
             unhook()
         for s in reversed(streamers):
