@@ -603,6 +603,9 @@ def _evaluate(
                 park_resident += g.resident_bytes
     park_ok = (
         parkable > 0
+        # Only where no lossy decode (tiling) may be used instead, until parking has been measured on
+        # a GPU: the default (auto) plans stay those the H200 grid validated.
+        and ctx.quality == "lossless"
         and ram + park_resident <= budget.ram
         and pinned + park_resident <= budget.pinned
     )
