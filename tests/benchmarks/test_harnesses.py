@@ -50,6 +50,16 @@ def test_grid_tiny_writes_rows_with_predictions_and_an_example_report(tmp_path: 
     assert cn["control_modes"] == 2 and cn["rows"][0]["status"] == "ok"
 
 
+def test_bench_compile_tiny_compiles_without_recompiling(tmp_path: Path) -> None:
+    proc = _run(["benchmarks/bench_compile.py", "--tiny", "--backend", "eager", "--steps", "3", "--warmup", "2"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "compile_32_tiny.json").read_text())
+    assert data["status"] == "ok", data.get("error")
+    assert data["streamed_blocks"] > 0 and data["compiled_blocks"] > 0
+    assert data["no_recompilation"] and data["rel_l2_err"] == 0.0
+
+
 def test_committed_results_render() -> None:
     proc = subprocess.run([sys.executable, "benchmarks/render_tables.py"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -47,3 +47,30 @@ def test_compile_is_marked_lossy_with_inductor_and_validates_arguments():
     with pytest.raises(InvalidRequestError):
         Compile(mode="fastest")
     assert issubclass(StrategyConflictError, VramkitError)
+
+
+def test_streamed_blocks_compile_beneath_the_hooks_without_recompiling(reference_outputs):
+    """Compiled over the streaming hooks, dynamo would trace the slot bookkeeping and recompile per
+    block (found with benchmarks/bench_compile.py --tiny); beneath them, one graph per block class."""
+    from torch._dynamo.utils import counters
+
+    from vramkit.engine import enable_block_streaming
+    from vramkit.strategies.compile import apply_compile
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = tiny_pipeline("flux")
+    streamer = enable_block_streaming(pipe.transformer, resident=1, device="cpu")
+    undo = apply_compile(pipe, Compile(backend="aot_eager"), "transformer")
+    assert torch.equal(run(pipe, "flux"), reference_outputs["flux"])
+    graphs = counters["stats"]["unique_graphs"]
+    # Double block, single block, and the resident block compiled as a whole: no graph per block.
+    assert graphs <= 4
+    for _ in range(2):
+        assert torch.equal(run(pipe, "flux"), reference_outputs["flux"])
+    assert counters["stats"]["unique_graphs"] == graphs, "a later call recompiled"
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    undo()
+    streamer.restore()
+    assert torch.equal(run(pipe, "flux"), reference_outputs["flux"])
+    assert all(b._compiled_call_impl is None for b in repeated_blocks(pipe.transformer))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -43,12 +44,45 @@ def apply_compile(pipe: Any, config: Compile, component: str | None) -> Undo | N
         kwargs["mode"] = config.mode
     if config.dynamic is not None:
         kwargs["dynamic"] = config.dynamic
+    undos = []
+    shared: dict[type, Any] = {}
     for block in blocks:
-        block.compile(**kwargs)
+        undos.append(_compile_block(block, kwargs, shared))
     logger.info("Compile: %d repeated blocks of %s compiled (%s)", len(blocks), component, kwargs)
 
     def undo() -> None:
-        for block in blocks:
-            block._compiled_call_impl = None
+        for restore in reversed(undos):
+            restore()
 
     return undo
+
+
+def _compile_block(block: torch.nn.Module, kwargs: dict[str, Any], shared: dict[type, Any]) -> Any:
+    """Compile one repeated block; returns its undo.
+
+    A block with hooks (vramkit's streaming, diffusers' offloading) is compiled *beneath* them: the
+    forward the first hook wraps is replaced by one compiled function shared by every block of its
+    class, with the block as an argument. Compiling the block's ``__call__`` instead would trace the
+    hooks' Python code (slot bookkeeping, guards on each block's position) and recompile for every
+    block until torch._dynamo's cache limit, then run eagerly.
+    """
+    registry = getattr(block, "_diffusers_hook", None)
+    fn_refs = getattr(registry, "_fn_refs", None) if registry is not None else None
+    if fn_refs:
+        fn_ref = fn_refs[0]
+        original = fn_ref.forward
+        cls = type(block)
+        if cls not in shared:
+            shared[cls] = torch.compile(cls.forward, **kwargs)
+        fn_ref.forward = functools.partial(shared[cls], block)
+
+        def restore_hooked() -> None:
+            fn_ref.forward = original
+
+        return restore_hooked
+    block.compile(**kwargs)
+
+    def restore_plain() -> None:
+        block._compiled_call_impl = None
+
+    return restore_plain
