@@ -5,6 +5,10 @@ caches of one never inflate the peaks of the next):
 
     PYTHONPATH=src:/tmp/site python3 benchmarks/bench_pipeline.py --size 1024 --budgets 8,12
 
+Peers (``--configs ...,diffusers-mm,diffusers-dynamic-offloader,mmgp,mmgp-int8``) need their wheels in
+/tmp/site: diffusers-mm 0.4.0, diffusers-dynamic-offloader 0.1.0rc2, mmgp 3.8.2 and optimum-quanto 0.2.7
+(``pip download --no-deps`` into ``.whl/``, installed there with ``pip install --no-deps --target``).
+
 Each configuration builds the full-size FLUX.1-dev pipeline (T5-XXL, CLIP-L, transformer, VAE) with
 random bf16 weights on the GPU, moves it to host RAM, allocates a ballast so that
 ``torch.cuda.mem_get_info()`` reports exactly the budget as free (any overshoot is a real CUDA OOM),
@@ -39,6 +43,11 @@ CONFIGS = {
     "diffusers-block-stream-fp8": "group offload, block level, stream + fp8 layerwise casting",
     "diffusers-model-offload": "enable_model_cpu_offload",
     "diffusers-sequential": "enable_sequential_cpu_offload",
+    # Peers from PyPI, installed for the benchmark only (wheels carried to the GPU machine):
+    "diffusers-mm": "diffusers-mm 0.4.0: diffusers_mm.managed(pipe)",
+    "diffusers-dynamic-offloader": "diffusers-dynamic-offloader 0.1.0rc2: enable_pipeline_offload(pipe, preset='auto')",
+    "mmgp": "mmgp 3.8.2: offload.profile(pipe, profile_type.HighRAM_LowVRAM, quantizeTransformer=False)",
+    "mmgp-int8": "mmgp 3.8.2: offload.profile(pipe, profile_type.HighRAM_LowVRAM) (int8 transformer, its default)",
 }
 
 
@@ -110,6 +119,21 @@ def apply_config(pipe: Any, config: str, device: str) -> dict[str, Any]:
         return info
     if config == "diffusers-sequential":
         pipe.enable_sequential_cpu_offload(device=device)
+        return info
+    if config == "diffusers-mm":
+        from diffusers_mm import managed
+
+        managed(pipe, device=device)
+        return info
+    if config == "diffusers-dynamic-offloader":
+        from diffusers_dynamic_offloader import enable_pipeline_offload
+
+        enable_pipeline_offload(pipe, preset="auto", execution_device=device)
+        return info
+    if config in ("mmgp", "mmgp-int8"):
+        from mmgp import offload, profile_type
+
+        offload.profile(pipe, profile_type.HighRAM_LowVRAM, quantizeTransformer=config == "mmgp-int8")
         return info
     raise SystemExit(f"unknown config {config}")
 
