@@ -84,3 +84,25 @@ def test_planner_streams_a_two_mode_union_controlnet() -> None:
     kinds = {(type(s.strategy).__name__, s.component) for s in plan.steps}
     assert ("BlockStreaming", "controlnet") in kinds
     assert plan.predicted.peak_vram <= 12 * 2**30
+
+
+def test_planner_counts_passes_per_distinct_net() -> None:
+    from vramkit.planner import spec_from_pipeline
+    from vramkit.testing.full_size import full_size_flux_pipeline
+
+    pipe = full_size_flux_pipeline("flux-dev+controlnet-union", device="meta")
+    net = pipe.controlnet
+    pipe.controlnet = FluxMultiControlNetModel([net])
+    one_union = spec_from_pipeline(pipe)
+    pipe.controlnet = FluxMultiControlNetModel([net, net])
+    listed_twice = spec_from_pipeline(pipe)
+    # Two modes of one union net, however they are listed: two passes of one set of weights.
+    assert one_union.controls == listed_twice.controls == 2
+    assert one_union.multi_control and listed_twice.multi_control
+    assert one_union.get("controlnet").sizes.weight_bytes() == listed_twice.get("controlnet").sizes.weight_bytes()
+    other = full_size_flux_pipeline("flux-dev+controlnet-union", device="meta").controlnet
+    pipe.controlnet = FluxMultiControlNetModel([net, other])
+    two_nets = spec_from_pipeline(pipe)
+    # Two distinct nets run once each; their sizes already cover both.
+    assert two_nets.controls == 1 and two_nets.multi_control
+    assert two_nets.get("controlnet").sizes.weight_bytes() == 2 * one_union.get("controlnet").sizes.weight_bytes()

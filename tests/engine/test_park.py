@@ -87,3 +87,36 @@ def test_park_flag_is_validated_and_planned_lossless_plans_use_it() -> None:
     # (5 at 8 GiB before parking existed, with the decode's 7.22 GiB peak the binding stage).
     assert step.strategy.resident > 5
     assert plan.predicted.peak_vram <= 8 * 2**30
+
+
+def test_unparked_inside_inference_mode_then_called_outside_it() -> None:
+    """Buffers made while unparking under torch.inference_mode must not be inference tensors, or
+    every later call outside it fails (found in review)."""
+    pipe = tiny_pipeline("flux")
+    ref = pipe(**tiny_call_kwargs("flux")).images
+    streamer = enable_block_streaming(pipe.transformer, resident=2, device="cpu", park=True)
+    unhook = _park_around_vae_decode(pipe, [streamer])
+    pipe(**tiny_call_kwargs("flux"))  # parks at the decode
+    with torch.inference_mode():
+        kwargs = tiny_call_kwargs("flux")
+        kwargs["output_type"] = "latent"
+        pipe(**kwargs)  # unparks inside inference mode; no decode, so it stays unparked
+    assert not streamer.parked
+    assert torch.equal(pipe(**tiny_call_kwargs("flux")).images, ref)
+    assert unhook is not None
+    unhook()
+    streamer.restore()
+
+
+def test_an_undone_wrapper_kept_by_someone_else_only_passes_calls_through() -> None:
+    pipe = tiny_pipeline("flux")
+    streamer = enable_block_streaming(pipe.transformer, resident=1, device="cpu", park=True)
+    unhook = _park_around_vae_decode(pipe, [streamer])
+    assert unhook is not None
+    kept = pipe.vae.__dict__["decode"]  # e.g. the profiler's saved value
+    unhook()
+    pipe.vae.__dict__["decode"] = kept  # ... put back after the undo
+    streamer.restore()
+    pipe(**tiny_call_kwargs("flux"))  # must neither park a restored streamer nor fail
+    assert streamer.park_count == 0
+    del pipe.vae.__dict__["decode"]

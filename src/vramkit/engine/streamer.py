@@ -386,8 +386,10 @@ class BlockStreamer:
             view.zero_()  # alignment padding is written too: keep the file deterministic
             work = self.device if (self._cuda and b.encoded) else None
             pack_block(data, b, view, work_device=work)
-            self._file_at[b.position] = self._file.append(view)
+            at = self._file.append(view)
+            # Only once the originals are kept too is the block restorable from the file.
             self._retain(b, data)
+            self._file_at[b.position] = at
             self.file_nbytes += b.nbytes
             for name, (kind, owners) in tensors.items():
                 _assign(owners, kind, _placeholder(data[name]))
@@ -605,9 +607,15 @@ class BlockStreamer:
         # The ring is written by the copy stream and the buffers read by queued kernels: wait for
         # both before the memory goes back to the allocator (once per pipeline call).
         self._synchronize()
-        for b in self.layout.blocks:
-            for _, (kind, owners) in self._tensors[b.position].items():
-                _assign(owners, kind, _placeholder(_current(owners, kind)))
+        zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        with torch.inference_mode(False):
+            for b in self.layout.blocks:
+                for _, (kind, owners) in self._tensors[b.position].items():
+                    t = _current(owners, kind)
+                    key = (t.dtype, t.device)
+                    if key not in zeros:
+                        zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
+                    _assign(owners, kind, zeros[key].expand(t.shape))
         self._dev_bufs.clear()
         self._slots = []
         self._scratch = None
@@ -625,12 +633,21 @@ class BlockStreamer:
         """Undo :meth:`park`: reallocate the ring, copy the resident blocks back, re-point."""
         if not self.parked:
             return
-        self._allocate_ring()
-        for pos, host in self._park_host.items():
-            buf = torch.empty(host.tensor.numel(), dtype=torch.uint8, device=self.device)
-            buf.copy_(host.tensor, non_blocking=self._cuda)
-            self._dev_bufs[pos] = buf
-        self._point_all()
+        # Called from the first forward, possibly under torch.inference_mode: buffers and views made
+        # there would be inference tensors that every later call outside it could not update.
+        with torch.inference_mode(False):
+            self._allocate_ring()
+            if self._cuda and self.copier is not None:
+                # The new slots may be memory that kernels still queued on the compute stream were
+                # using (another model's activations, freed moments ago): the copy stream must not
+                # write them before that work is done. The pre-park free events are long past.
+                for k in range(len(self._slots)):
+                    self.copier.mark_free(k)
+            for pos, host in self._park_host.items():
+                buf = torch.empty(host.tensor.numel(), dtype=torch.uint8, device=self.device)
+                buf.copy_(host.tensor, non_blocking=self._cuda)
+                self._dev_bufs[pos] = buf
+            self._point_all()
         self.parked = False
 
     # --- teardown -----------------------------------------------------------------------------

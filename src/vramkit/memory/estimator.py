@@ -214,6 +214,8 @@ def _resolve(module: torch.nn.Module, dotted: str) -> Any:
 
 def _block_modules(module: torch.nn.Module, family: str) -> list[torch.nn.Module]:
     roots = list(getattr(module, "nets", [])) if type(module).__name__ == "FluxMultiControlNetModel" else [module]
+    # A net listed twice (several modes of one union ControlNet) is one set of weights.
+    roots = list({id(r): r for r in roots}.values())
     blocks: list[torch.nn.Module] = []
     for root in roots:
         for paths in _BLOCK_LISTS.get(family, ()):

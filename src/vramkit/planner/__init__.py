@@ -153,6 +153,7 @@ def budget_for_devices(
     extra_vram: Mapping[str, int] | None = None,
     visible: int | None = None,
     host: DeviceProbe | None = None,
+    disk_bandwidth: float | str | None = None,
 ) -> tuple[Budget, list[str]]:
     """The :class:`Budget` for several devices: ``vram`` maps devices to budgets (``{"cuda:0":
     "12GiB", 1: "80%"}``); without it, every probed device gives what is free on it (plus what the
@@ -188,7 +189,12 @@ def budget_for_devices(
     if reference is None:
         raise InvalidBudgetError("budget_for_devices needs a probe of this machine (host=) for its RAM.")
     budget, rest = budget_for(
-        reference, vram=next(iter(per.values())), ram=ram, bandwidth=bandwidth, extra_ram=extra_ram
+        reference,
+        vram=next(iter(per.values())),
+        ram=ram,
+        bandwidth=bandwidth,
+        extra_ram=extra_ram,
+        disk_bandwidth=disk_bandwidth,
     )
     linked = [by_name[d].h2d_bandwidth for d in per if d in by_name and by_name[d].is_gpu]
     if bandwidth is None and len(linked) > 1 and min(linked) < budget.bandwidth:
@@ -416,6 +422,7 @@ def plan_pipeline(
             extra_vram={p.device: _bytes_on(modules, p.device) for p in probes} if vram is None else None,
             visible=torch.cuda.device_count() if torch.cuda.is_available() else None,
             host=found,
+            disk_bandwidth=disk_bandwidth,
         )
         record = _request_record(spec, req, budget, quality)
         return search(spec, req, budget, quality, calibration, request_record=record, notes=notes)

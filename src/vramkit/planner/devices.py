@@ -122,7 +122,8 @@ def _aux_options(actx: _Ctx, vae_here: bool, pin_left: int) -> list[_Aux]:
         tes.append("stream")
     out = []
     for te in tes:
-        persist = actx.w(actx.clip) + (actx.w(actx.vae) if vae_here else 0)
+        # cuBLAS workspaces and runtime buffers on this device too, as on the main one.
+        persist = cal.runtime_workspace_bytes + actx.w(actx.clip) + (actx.w(actx.vae) if vae_here else 0)
         info: dict[str, Any] = {}
         ram = pinned = 0
         te_seconds = 0.0

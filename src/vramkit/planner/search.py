@@ -281,8 +281,7 @@ class _Ctx:
                 materialized_scores=self.materialized,
                 chunk=chunk,
             )
-            controls = self.spec.controls
-            if controls > 1:
+            if self.spec.controls > 1 or self.spec.multi_control:
                 # Several controls (diffusers' multi-ControlNet): the residuals summed so far stay while
                 # the next pass collects, projects and scales its own, then the sum builds a new list
                 # beside the two it adds.
@@ -587,6 +586,7 @@ def _evaluate(
         t, c = step_time(chunk)
         den_opts.append((ctx.pad(raw), ctx.passes * t, chunk, c))
     dec_opts = []
+    enc_extra = dec_extra  # the VAE encode runs before any step: no ControlNet residual exists yet
     if ctx.cn is not None:
         # diffusers' ControlNet pipelines keep the last step's residuals in a local variable through
         # the VAE decode (H200 grid, two-mode union ControlNet: +0.3 GiB at 1024^2, +1.2 GiB at 2048^2).
@@ -611,7 +611,7 @@ def _evaluate(
     )
     for opt in vae_opts:
         dec_pad = ctx.pad(persist + dec_extra + opt.dec_bytes)
-        enc_pad = ctx.pad(persist + dec_extra + opt.enc_bytes) if ctx.needs_encode() else 0
+        enc_pad = ctx.pad(persist + enc_extra + opt.enc_bytes) if ctx.needs_encode() else 0
         dec_opts.append((dec_pad, enc_pad, opt, False, opt.seconds))
         if park_ok:
             # The stage starts with everything still placed, then frees it and decodes.

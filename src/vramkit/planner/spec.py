@@ -71,9 +71,12 @@ class PipelineSpec:
     default_steps: int = 28
     default_height: int = 1024
     default_width: int = 1024
-    #: ControlNet passes per denoising step: 1, or for a FluxMultiControlNetModel one per net (at least
-    #: 2: a multi-ControlNet of one union net exists to run several control modes, one pass each).
+    #: passes of each distinct ControlNet per denoising step: 1, or for a FluxMultiControlNetModel of one
+    #: union net one per control image (at least 2: a multi of one net exists to run several modes);
+    #: the sizes already cover every distinct net of a multi-ControlNet.
     controls: int = 1
+    #: whether the ControlNet is a FluxMultiControlNetModel (residuals summed across controls)
+    multi_control: bool = False
 
     def get(self, name: str) -> ComponentSpec | None:
         return self.components.get(name)
@@ -211,10 +214,14 @@ def spec_from_modules(
     if "transformer" not in modules:
         raise InvalidRequestError("a FLUX pipeline spec needs a 'transformer' component.")
     comps: dict[str, ComponentSpec] = {}
-    controls = 1
+    controls, multi_control = 1, False
     nets = getattr(modules.get("controlnet"), "nets", None)
-    if isinstance(nets, torch.nn.ModuleList):
-        controls = max(2, len(nets))
+    if isinstance(nets, torch.nn.ModuleList) and len(nets) > 0:
+        multi_control = True
+        distinct = len({id(n) for n in nets})
+        # Passes of each distinct net per step: a net listed n times runs n times; a multi-ControlNet
+        # of one union net runs once per control image (at least two, or it would not be a multi).
+        controls = max(2, len(nets)) if distinct == 1 else max(1, len(nets) // distinct)
     for attr, module in modules.items():
         sizes = component_sizes(attr, module)
         geometry = _stream_geometry(module) if attr in _STREAMABLE else None
@@ -228,6 +235,7 @@ def spec_from_modules(
         default_height=default_height,
         default_width=default_width,
         controls=controls,
+        multi_control=multi_control,
     )
 
 

@@ -248,6 +248,7 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
     module = getattr(pipe, component or "")
     device = _device(config)
     streamers: list[BlockStreamer] = []
+    unhook: Callable[[], None] | None = None
     try:
         for target in _targets(module):
             if config.resident is not None:
@@ -270,13 +271,15 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
                 ).start()
             )
         unhook = _park_around_vae_decode(pipe, streamers) if config.park_during_decode else None
+        # With an explicit device (several GPUs) the component's outputs go back to the execution
+        # device; registered after the streamer's hooks so it is outermost and sees the caller's inputs.
+        unbind = bind_device(pipe, component or "", module, device) if config.device is not None else None
     except BaseException:
+        if unhook is not None:
+            unhook()
         for s in reversed(streamers):
             s.restore()
         raise
-    # With an explicit device (several GPUs) the component's outputs go back to the execution
-    # device; registered after the streamer's hooks so it is outermost and sees the caller's inputs.
-    unbind = bind_device(pipe, component or "", module, device) if config.device is not None else None
     state = get_state(pipe)
     if state is not None:
         state.placed[component or ""] = "BlockStreaming"
@@ -311,9 +314,12 @@ def _park_around_vae_decode(pipe: Any, streamers: list[BlockStreamer]) -> Callab
     had_own = "decode" in vae.__dict__
     previous = vae.__dict__.get("decode")
 
+    active = [True]
+
     def decode(*args: Any, **kwargs: Any) -> Any:
-        for s in streamers:
-            s.park()
+        if active[0]:
+            for s in streamers:
+                s.park()
         if previous is not None:
             return previous(*args, **kwargs)
         return type(vae).decode(vae, *args, **kwargs)
@@ -322,6 +328,9 @@ def _park_around_vae_decode(pipe: Any, streamers: list[BlockStreamer]) -> Callab
     vae.__dict__["decode"] = decode
 
     def unhook() -> None:
+        # Something wrapped decode on top of this (the profiler, during a recovery inside a profiled
+        # call) keeps a reference and may put it back: from now on it only passes the call through.
+        active[0] = False
         if vae.__dict__.get("decode") is decode:
             if had_own:
                 vae.__dict__["decode"] = previous
