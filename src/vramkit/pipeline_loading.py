@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidRequestError, UnsupportedPipelineError
+from .loading import _open as _open_safetensors
 from .plan import Plan
 
 __all__ = ["load", "SafetensorsSource", "STREAMABLE_AT_LOAD"]
@@ -48,13 +49,8 @@ STREAMABLE_AT_LOAD = ("transformer", "controlnet", "text_encoder_2")
 
 
 def _safe_open(path: Path) -> Any:
-    from safetensors import safe_open
-
-    try:
-        # pread: each tensor is read into its own memory; the file is not mapped into the process.
-        return safe_open(str(path), framework="pt", backend="pread")
-    except TypeError:  # safetensors < 0.8 has no backend argument
-        return safe_open(str(path), framework="pt")
+    # The single-file loader's reader: pread, one tensor at a time, the file never mapped.
+    return _open_safetensors(str(path))
 
 
 class SafetensorsSource:

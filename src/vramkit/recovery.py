@@ -85,14 +85,19 @@ class RecoveryController:
         Without this, a pipeline holding most of the card would re-plan for the sliver left."""
         if not torch.cuda.is_available():
             return None
-        free, _ = torch.cuda.mem_get_info()
+        # The device the pipeline computes on (not necessarily the current one).
+        dev = getattr(self.pipe, "_execution_device", None)
+        index = dev.index if isinstance(dev, torch.device) and dev.type == "cuda" and dev.index is not None else None
+        if index is None:
+            index = torch.cuda.current_device()
+        free, _ = torch.cuda.mem_get_info(index)
         from .api import applied_plan
 
         plan = applied_plan(self.pipe)
         request = getattr(plan, "request", None) or {}
         outside = request.get("vram_outside_pipeline")
         if isinstance(outside, (int, float)):
-            held = max(0, torch.cuda.memory_allocated() - int(outside))
+            held = max(0, torch.cuda.memory_allocated(index) - int(outside))
             return int(free) + held
         return int(free)
 
