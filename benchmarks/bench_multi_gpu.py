@@ -26,12 +26,15 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import RssSampler  # noqa: E402
 
 GIB = 1024**3
 CONFIGS = {
@@ -42,28 +45,6 @@ CONFIGS = {
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class RssSampler:
-    def __init__(self, interval: float = 0.05) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._interval = interval
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build(tiny: bool) -> Any:

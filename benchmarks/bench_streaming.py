@@ -156,10 +156,13 @@ class Ballast:
     """Occupies GPU memory so that exactly ``budget`` bytes stay free (as on a smaller card)."""
 
     def __init__(self, budget: int) -> None:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
         self.tensors: list[torch.Tensor] = []
         self.nbytes = 0
+        self.free_after = 0
+        if not torch.cuda.is_available():  # harness checks on CPU: nothing to occupy
+            return
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         for _ in range(4):
             free = torch.cuda.mem_get_info()[0]
             extra = free - budget
@@ -174,8 +177,9 @@ class Ballast:
 
     def release(self) -> None:
         self.tensors.clear()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
 
 def measure_config(

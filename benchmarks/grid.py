@@ -41,46 +41,20 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-GIB = 2**30
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_streaming import GIB, Ballast  # noqa: E402
+
 MODELS = {"flux-dev": "flux", "flux-fill": "fill", "flux-dev+controlnet-union": "controlnet-union"}
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class Ballast:
-    """Occupies GPU memory so that exactly ``budget`` bytes stay free (as on a smaller card)."""
-
-    def __init__(self, budget: int) -> None:
-        self.tensors: list[torch.Tensor] = []
-        self.nbytes = 0
-        if not torch.cuda.is_available():
-            return
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        for _ in range(4):
-            free = torch.cuda.mem_get_info()[0]
-            extra = free - budget
-            if abs(extra) < 2 * 2**20:
-                break
-            if extra < 0:
-                raise RuntimeError(f"only {free / GIB:.2f} GiB free, cannot simulate {budget / GIB:.2f} GiB")
-            extra = extra // (2 * 2**20) * (2 * 2**20)
-            self.tensors.append(torch.empty(extra, dtype=torch.uint8, device="cuda"))
-            self.nbytes += extra
-        self.free_after = torch.cuda.mem_get_info()[0]
-
-    def release(self) -> None:
-        self.tensors.clear()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
 
 
 def build(model: str, tiny: bool, control_modes: int = 1) -> Any:
