@@ -84,6 +84,11 @@ class Calibration:
     stream_overlap_exponent: float = 4.5
     #: fixed time per streamed forward (events, pre-hooks); streaming table of flux-facts.
     stream_overhead_s: float = 0.004
+    #: a plan across several devices is chosen only when it is predicted this much faster per call
+    #: than the best one-device plan: it adds cross-device hops the model does not price (2 x H200,
+    #: 1024^2, 12 GiB each, fp8: predicted 0.197 vs 0.198 s/step, measured 0.187 two-GPU vs 0.171
+    #: one-GPU; lossless, predicted 0.269 vs 0.301, measured 0.254 vs 0.289: benchmarks/results/multi_gpu_*).
+    multi_device_min_gain: float = 0.05
     #: extra time per additional query chunk per attention layer with AttentionSlicing; assumed.
     attention_chunk_overhead_s: float = 2.0e-5
 

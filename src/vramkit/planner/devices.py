@@ -301,12 +301,17 @@ def _one(budget: Budget, vram: int) -> Budget:
     return replace(budget, vram=int(vram), devices=())
 
 
-def _why_lost(o: _Option, best: _Option, quality: str) -> str:
+def _why_lost(o: _Option, best: _Option, quality: str, min_gain: float) -> str:
     if not o.fits:
         return o.why_not
     if quality == "lossless" and not o.lossless:
         return "changes numerics (quality='lossless')"
     slower = o.call_seconds - best.call_seconds
+    if slower < 0 and len(o.devices) > len(best.devices):
+        return (
+            f"faster by {-slower:.2f} s per call, less than the {min_gain:.0%} a split across devices must gain "
+            "over one device (cross-device transfers are not in the model)"
+        )
     if slower > 0:
         return f"slower by {slower:.2f} s per call ({o.step_seconds:.3f} vs {best.step_seconds:.3f} s/step)"
     if not o.lossless and best.lossless:
@@ -435,6 +440,16 @@ def search_devices(
             msg += f"; the smallest plan needs {format_bytes(minimum)} on one device"
         raise PlanInfeasibleError(msg + ".", minimum_vram=minimum, minimum_ram=None)
     best = min(fitting, key=_Option.key)
+    alone = min(one_best.values(), key=_Option.key, default=None)
+    declined: _Option | None = None
+    if (
+        len(best.devices) > 1
+        and alone is not None
+        and alone.lossless >= best.lossless
+        and alone.call_seconds <= best.call_seconds * (1.0 + cal.multi_device_min_gain)
+    ):
+        # Within the model's error a split only adds cross-device hops: keep one device.
+        declined, best = best, alone
     _with_lossless_alt(best.res, best.cand, cal, streaming)
     if len(best.devices) == 1:
         device = best.devices[0]
@@ -449,8 +464,13 @@ def search_devices(
         steps.sort(key=lambda st: st.strategy.order)
         placement = f"placement: {best.description}"
     plan_notes = list(notes) + [f"planned across {len(names)} devices ({budgets})", placement]
-    alone = min(one_best.values(), key=_Option.key, default=None)
-    if alone is not None and alone is not best:
+    if declined is not None:
+        plan_notes.append(
+            f"one device: the best split ({declined.description}) is predicted at {declined.call_seconds:.1f} s "
+            f"per call against {best.call_seconds:.1f} s, less than {cal.multi_device_min_gain:.0%} faster, "
+            "not worth its cross-device transfers"
+        )
+    elif alone is not None and alone is not best:
         plan_notes.append(
             f"the best one-device plan ({alone.devices[0]}) takes {alone.step_seconds:.3f} s/step, "
             f"{alone.call_seconds:.1f} s per call; this plan {best.step_seconds:.3f} s/step, {best.call_seconds:.1f} s"
@@ -479,7 +499,12 @@ def search_devices(
             stages=stages,
         ),
         rejected=[
-            Rejected(o.description, _why_lost(o, best, quality), max(o.padded.values()), o.step_seconds)
+            Rejected(
+                o.description,
+                _why_lost(o, best, quality, cal.multi_device_min_gain),
+                max(o.padded.values()),
+                o.step_seconds,
+            )
             for o in rejected
         ],
         request=record,
