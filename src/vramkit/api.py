@@ -209,6 +209,9 @@ def optimize(
     Several GPUs: ``vram={"cuda:0": "12GiB", "cuda:1": "12GiB"}`` (or no ``vram`` on a machine with
     several CUDA devices) lets the plan put the transformer on one device and the text encoders and
     VAE on another; ``pipe._execution_device`` is then the transformer's device.
+
+    ``compile=True`` (a planner keyword) also compiles the transformer's repeated blocks with
+    ``torch.compile``, in the mode its placement allows (the plan step says which and why).
     """
     _pipeline.check_flux_pipeline(pipe)
     state = get_state(pipe)

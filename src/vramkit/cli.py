@@ -87,6 +87,9 @@ def _configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default: the model's)")
     p.add_argument("--true-cfg", action="store_true", help="a negative-prompt pass every step")
     p.add_argument("--calibration", help="calibration JSON written by benchmarks/calibrate.py")
+    p.add_argument(
+        "--compile", action="store_true", help="also torch.compile the transformer's blocks (the plan says which mode)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -186,7 +189,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         budget_notes = [n.replace("(given)", "(assumed)") if n.startswith("RAM budget") else n for n in budget_notes]
     budget = replace(budget, notes=tuple(notes + budget_notes))
     try:
-        plan = plan_for(spec, request, budget, args.quality, calibration=calibration)
+        plan = plan_for(spec, request, budget, args.quality, calibration=calibration, compile=args.compile)
     except PlanInfeasibleError as exc:
         if args.json:
             print(json.dumps({"error": str(exc), "minimum_vram": exc.minimum_vram, "minimum_ram": exc.minimum_ram}))

@@ -233,6 +233,7 @@ def plan_for(
     quality: str = "auto",
     *,
     calibration: Calibration | None = None,
+    compile: bool = False,
 ) -> Plan:
     """The fastest plan for ``request`` on the pipeline described by ``components_spec`` within
     ``probe_or_budget``: a pure function of its arguments (nothing is probed, moved or loaded).
@@ -241,7 +242,8 @@ def plan_for(
     ``request`` a :class:`Request` or its fields; ``probe_or_budget`` a :class:`Budget`, or a
     :class:`~vramkit.memory.probe.DeviceProbe` whose free memory (minus a margin) is the budget.
     ``quality``: ``"lossless"`` (bit-identical output) or ``"auto"`` (also fp8/int8 storage and VAE
-    tiling when they are faster or needed).
+    tiling when they are faster or needed). ``compile=True`` adds regional ``torch.compile`` of the
+    transformer (and ControlNet) in the mode that fits the placement (:mod:`vramkit.planner.compiling`).
 
     Raises :class:`~vramkit.errors.PlanInfeasibleError` (with ``minimum_vram``, the smallest budget
     that plans) when nothing fits, :class:`~vramkit.errors.InvalidRequestError` for a bad request.
@@ -259,7 +261,7 @@ def plan_for(
     notes: list[str] = []
     if isinstance(probe_or_budget, DeviceProbe):
         if not probe_or_budget.is_gpu:
-            return _no_gpu_plan(spec, req, quality, probe_or_budget)
+            return _finish(_no_gpu_plan(spec, req, quality, probe_or_budget), quality, compile)
         budget, notes = budget_for(probe_or_budget)
     elif isinstance(probe_or_budget, Budget):
         budget = probe_or_budget
@@ -285,7 +287,18 @@ def plan_for(
             f"probe_or_budget must be a DeviceProbe or a Budget, got {type(probe_or_budget).__name__}."
         )
     record = _request_record(spec, req, budget, quality)
-    return search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+    return _finish(search(spec, req, budget, quality, calibration, request_record=record, notes=notes), quality, compile)
+
+
+def _finish(plan: Plan, quality: str, compile: bool) -> Plan:
+    """The searched plan, with a ``Compile`` step when asked for."""
+    if not compile:
+        return plan
+    from .compiling import with_compile
+
+    plan = with_compile(plan, quality)
+    plan.request["compile"] = True
+    return plan
 
 
 def _no_gpu_plan(spec: PipelineSpec, req: Request, quality: str, found: DeviceProbe) -> Plan:
@@ -376,6 +389,7 @@ def plan_pipeline(
     bandwidth: float | str | None = None,
     calibration: Calibration | None = None,
     disk_bandwidth: float | str | None = None,
+    compile: bool = False,
 ) -> Plan:
     """The fastest plan for ``pipe`` and this request, without changing the pipeline.
 
@@ -384,7 +398,8 @@ def plan_pipeline(
     pipeline already holds in host RAM. With no GPU and no ``vram``, the plan is empty (with a note);
     with ``vram`` given it plans for a GPU anyway (bandwidth assumed unless given).
     ``disk_bandwidth``: read + copy rate of blocks streamed from disk when the weights do not fit
-    the RAM budget (default: the calibration's assumed figure).
+    the RAM budget (default: the calibration's assumed figure). ``compile=True``: also compile the
+    transformer's repeated blocks, in the mode the placement allows (the plan says which and why).
 
     Several GPUs: ``vram`` may map devices to budgets (``{"cuda:0": "12GiB", "cuda:1": "12GiB"}``,
     keys also ``0``/``1`` or ``torch.device``); with no ``vram`` and no ``device`` on a machine with
@@ -425,9 +440,10 @@ def plan_pipeline(
             disk_bandwidth=disk_bandwidth,
         )
         record = _request_record(spec, req, budget, quality)
-        return search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+        plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+        return _finish(plan, quality, compile)
     if not found.is_gpu and vram is None:
-        return _no_gpu_plan(spec, req, quality, found)
+        return _finish(_no_gpu_plan(spec, req, quality, found), quality, compile)
     budget, notes = budget_for(
         found,
         vram=vram,
@@ -440,7 +456,7 @@ def plan_pipeline(
     if ram is None:
         notes.append(f"the pipeline holds {format_bytes(_bytes_on(modules, 'cpu'))} in host RAM now")
     record = _request_record(spec, req, budget, quality)
-    return search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+    return _finish(search(spec, req, budget, quality, calibration, request_record=record, notes=notes), quality, compile)
 
 
 def _process_rss() -> int:
