@@ -287,7 +287,8 @@ def plan_for(
             f"probe_or_budget must be a DeviceProbe or a Budget, got {type(probe_or_budget).__name__}."
         )
     record = _request_record(spec, req, budget, quality)
-    return _finish(search(spec, req, budget, quality, calibration, request_record=record, notes=notes), quality, compile)
+    plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+    return _finish(plan, quality, compile)
 
 
 def _finish(plan: Plan, quality: str, compile: bool) -> Plan:
@@ -456,7 +457,8 @@ def plan_pipeline(
     if ram is None:
         notes.append(f"the pipeline holds {format_bytes(_bytes_on(modules, 'cpu'))} in host RAM now")
     record = _request_record(spec, req, budget, quality)
-    return _finish(search(spec, req, budget, quality, calibration, request_record=record, notes=notes), quality, compile)
+    plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+    return _finish(plan, quality, compile)
 
 
 def _process_rss() -> int:
