@@ -32,9 +32,11 @@ from typing import Any
 
 import psutil
 import torch
+from render_tables import floor_seconds
 
 GIB = 2**30
 CONFIGS = {
+    "unoptimized": "pipe.to('cuda'): everything resident",
     "vramkit": "vramkit.optimize(pipe, quality='lossless')",
     "vramkit-fp8": "vramkit.optimize(pipe, quality='auto')",
     "diffusers-leaf-stream": "group offload, leaf level, stream",
@@ -100,6 +102,10 @@ def apply_config(pipe: Any, config: str, device: str) -> dict[str, Any]:
         plan = vramkit.optimize(pipe, quality=quality, height=ARGS.size, width=ARGS.size)
         info["plan"] = plan.to_dict()
         info["plan_text"] = plan.explain()
+        info["transformer_streamed_bytes"] = streamed_bytes(plan)
+        return info
+    if config == "unoptimized":
+        pipe.to(device)
         return info
     if config.startswith("diffusers-leaf") or config.startswith("diffusers-block"):
         level = "leaf_level" if "leaf" in config else "block_level"
@@ -138,6 +144,21 @@ def apply_config(pipe: Any, config: str, device: str) -> dict[str, Any]:
     raise SystemExit(f"unknown config {config}")
 
 
+def streamed_bytes(plan: Any) -> int:
+    """Bytes of the transformer that ``plan`` streams per step (0 when it keeps it whole), from the
+    engine's layout of the same architecture on the meta device (no memory)."""
+    step = next((st for st in plan.steps if st.name == "BlockStreaming" and "transformer" in
+                 (st.strategy.components or ())), None)
+    if step is None:
+        return 0
+    from vramkit.engine import compute_layout
+    from vramkit.memory.architectures import build_architecture
+
+    model = build_architecture("flux-dev", device="meta", dtype=torch.bfloat16)
+    layout = compute_layout(model, step.strategy.resident, step.strategy.prefetch, step.strategy.storage)
+    return int(layout.streamed_nbytes)
+
+
 def call(pipe: Any, steps: int, tiny: bool) -> float:
     kwargs: dict[str, Any] = dict(prompt="a red fox in the snow", num_inference_steps=steps, guidance_scale=3.5,
                                   height=ARGS.size, width=ARGS.size, output_type="pt",
@@ -162,7 +183,11 @@ def run_one(config: str, budget_gib: float) -> dict[str, Any]:
     if device == "cuda":
         torch.cuda.synchronize()
         free = torch.cuda.mem_get_info()[0]
-        extra = free - int(budget_gib * GIB)
+        extra = free - int(budget_gib * GIB) if budget_gib > 0 else 0  # budget 0: the whole GPU (reference)
+        if budget_gib <= 0:
+            from vramkit.memory.probe import measure_h2d_bandwidth
+
+            result["pinned_bandwidth"] = measure_h2d_bandwidth("cuda")
         if extra > 0:
             ballast = torch.empty(extra, dtype=torch.uint8, device="cuda")
         result["free_after_ballast"] = torch.cuda.mem_get_info()[0]
@@ -212,15 +237,18 @@ def print_table(results: list[dict[str, Any]]) -> None:
             b = r["budget_gib"]
             best[b] = min(best.get(b, float("inf")), r["seconds_per_step"])
     print(f"{'budget':>6} {'config':<28} {'status':<6} {'s/step':>7} {'s/img28':>8} {'VRAM':>6} {'RSS':>6} "
-          f"{'vs best diffusers':>18}")
+          f"{'L(B)':>6} {'ratio':>6} {'vs best diffusers':>18}")
     for r in results:
         ok = r.get("status") == "ok"
         b = r["budget_gib"]
         speed = f"{best[b] / r['seconds_per_step']:.2f}x" if ok and b in best and r["seconds_per_step"] > 0 else ""
+        floor = floor_seconds(results, r) if ok else None
+        lb = f"{floor:.3f}" if floor else ""
+        ratio = f"{r['seconds_per_step'] / floor:.2f}" if floor else ""
         print(f"{b:>6} {r['config']:<28} {r.get('status', '?'):<6} "
               f"{r.get('seconds_per_step', float('nan')):>7.3f} {r.get('seconds_per_image_28', float('nan')):>8.2f} "
               f"{r.get('peak_vram_gib', float('nan')):>6.2f} {r.get('peak_host_rss_gib', float('nan')):>6.1f} "
-              f"{speed:>18}")
+              f"{lb:>6} {ratio:>6} {speed:>18}")
 
 
 def main() -> None:
@@ -232,39 +260,44 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
     p.add_argument("--tiny", action="store_true", help="check the harness on the tiny CPU pipeline")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="first run the unoptimized pipeline on the whole GPU (resident s/step and pinned "
+                        "bandwidth: the inputs of L(B))")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     ARGS = p.parse_args()
     if ARGS.one:
         print("RESULT " + json.dumps(run_one(ARGS.one, ARGS.budget)), flush=True)
         return
-    results = []
+    results: list[dict[str, Any]] = []
     env_vars = dict(os.environ)
-    for budget in [float(b) for b in ARGS.budgets.split(",")]:
-        for config in ARGS.configs.split(","):
-            log(f"budget {budget} GiB, {config}")
-            cmd = [sys.executable, __file__, "--one", config, "--budget", str(budget), "--size", str(ARGS.size),
-                   "--steps", str(ARGS.steps)] + (["--tiny"] if ARGS.tiny else [])
-            env = dict(env_vars)
-            if "block" in config:
-                env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ARGS.timeout, env=env)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if lines:
-                    results.append(json.loads(lines[-1][7:]))
-                else:
-                    results.append({"config": config, "budget_gib": budget, "status": "crashed",
-                                    "error": proc.stderr[-800:]})
-            except subprocess.TimeoutExpired:
-                results.append({"config": config, "budget_gib": budget, "status": "timeout"})
-            log(f"  -> {results[-1].get('status')} {results[-1].get('seconds_per_step', '')}")
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
-    payload = {"environment": environment(), "size": ARGS.size, "results": results}
     path = os.path.join(out_dir, f"pipeline_{ARGS.size}{'_tiny' if ARGS.tiny else ''}.json")
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
+    runs = [(0.0, "unoptimized")] if ARGS.reference else []
+    runs += [(float(b), c) for b in ARGS.budgets.split(",") for c in ARGS.configs.split(",")]
+    for budget, config in runs:
+        log(f"budget {budget} GiB, {config}")
+        cmd = [sys.executable, __file__, "--one", config, "--budget", str(budget), "--size", str(ARGS.size),
+               "--steps", str(ARGS.steps)] + (["--tiny"] if ARGS.tiny else [])
+        env = dict(env_vars)
+        if "block" in config:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ARGS.timeout, env=env)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if lines:
+                results.append(json.loads(lines[-1][7:]))
+            else:
+                results.append({"config": config, "budget_gib": budget, "status": "crashed",
+                                "error": proc.stderr[-800:]})
+        except subprocess.TimeoutExpired:
+            results.append({"config": config, "budget_gib": budget, "status": "timeout"})
+        log(f"  -> {results[-1].get('status')} {results[-1].get('seconds_per_step', '')}")
+        # Written after every configuration: a run cut short still leaves what it measured.
+        payload = {"environment": environment(), "size": ARGS.size, "results": results}
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
     print_table(results)
     print(f"wrote {path}")
 

@@ -52,6 +52,16 @@ def streaming(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def floor_seconds(results: list[dict[str, Any]], r: dict[str, Any]) -> float | None:
+    """L(B) of a vramkit row: max(resident s/step of the reference run, the transformer bytes its plan
+    streams per step / the pinned bandwidth measured in the reference run). None without a reference."""
+    ref = next((x for x in results if x["config"] == "unoptimized" and x["budget_gib"] <= 0
+                and x.get("status") == "ok"), None)
+    if ref is None or "transformer_streamed_bytes" not in r or not ref.get("pinned_bandwidth"):
+        return None
+    return max(ref["seconds_per_step"], r["transformer_streamed_bytes"] / ref["pinned_bandwidth"])
+
+
 def pipeline(data: dict[str, Any]) -> list[str]:
     env = data["environment"]
     out = [
@@ -66,16 +76,26 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         "what later versions report as the predicted peak.",
         "",
         "| budget GiB | option | s/step | s/image (28) | peak VRAM GiB | peak host RSS GiB | planned for GiB | "
-        "predicted s/step | predicted peak GiB (with reserve) | predicted allocated GiB | vs best diffusers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "predicted s/step | predicted peak GiB (with reserve) | predicted allocated GiB | L(B) | ratio to L(B) "
+        "| vs best diffusers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ref = next((r for r in data["results"] if r["config"] == "unoptimized" and r["budget_gib"] <= 0), None)
+    if ref is not None and ref.get("status") == "ok":
+        out[4:4] = [
+            f"Reference (same run, whole GPU, unoptimized): {ref['seconds_per_step']:.3f} s/step resident, pinned "
+            f"host-to-device {ref['pinned_bandwidth'] / 1e9:.1f} GB/s. L(B) = max(that s/step, transformer bytes the "
+            "row's plan streams per step / that bandwidth); for fp8 rows the compute term is the bf16 one (a lower "
+            "bound). Budget 0 = the whole GPU.",
+            "",
+        ]
     best: dict[float, float] = {}
     for r in data["results"]:
         if r.get("status") == "ok" and r["config"].startswith("diffusers"):
             best[r["budget_gib"]] = min(best.get(r["budget_gib"], float("inf")), r["seconds_per_image_28"])
     for r in data["results"]:
         if r.get("status") != "ok":
-            out.append(f"| {r['budget_gib']:g} | {r['config']} | {r.get('status')} | | | | | | | | |")
+            out.append(f"| {r['budget_gib']:g} | {r['config']} | {r.get('status')} | | | | | | | | | | |")
             continue
         plan = r.get("plan") or {}
         pred = plan.get("predicted") or {}
@@ -88,9 +108,12 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         pa = f"{(pred['peak_vram'] - 384 * 2**20) / 1.05 / 2**30:.2f}" if pred else ""
         b = r["budget_gib"]
         speed = f"{best[b] / r['seconds_per_image_28']:.2f}x" if b in best else ""
+        floor = floor_seconds(data["results"], r)
+        lb, ratio = (f"{floor:.3f}", f"{r['seconds_per_step'] / floor:.2f}") if floor else ("", "")
         out.append(
             f"| {b:g} | {r['config']} | {r['seconds_per_step']:.3f} | {r['seconds_per_image_28']:.1f} | "
-            f"{r['peak_vram_gib']:.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {pa} | {speed} |"
+            f"{r['peak_vram_gib']:.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {pa} | {lb} | {ratio} "
+            f"| {speed} |"
         )
     return out
 
