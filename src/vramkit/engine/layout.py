@@ -3,7 +3,8 @@
 Nothing here touches a GPU, so the planner can compute a layout from a model built on the meta
 device, and CPU tests can check every offset. A :class:`StreamingLayout` says, for one model:
 
-- which blocks are resident and which are streamed (:func:`~vramkit.engine.blocks.choose_resident`);
+- which blocks are resident and which are streamed (:func:`~vramkit.engine.blocks.choose_resident`:
+  each stack streams bytes in proportion to its compute, spread evenly within the stack);
 - for every block, where each of its tensors sits in the block's one contiguous packed buffer
   (offsets aligned to :data:`ALIGNMENT` bytes, so every tensor can be viewed in its own dtype and
   copy kernels get aligned addresses), and how it is stored (``raw``, ``cast``, ``fp8``, ``int8``);
@@ -330,13 +331,15 @@ def layout_from_blocks(
     """Assemble a layout from already packed blocks (cheap: the planner can try many ``resident``).
 
     ``packed`` holds ``(stack, index, entries, nbytes, original_nbytes, scratch_nbytes)`` per block in
-    execution order; ``resident`` is a count (spread by :func:`choose_resident`) or explicit positions.
+    execution order; ``resident`` is a count or explicit positions. A count is placed by
+    :func:`choose_resident` with each block's stack, so the streamed bytes of each stack follow its
+    compute (the planner and the engine both come here, so they agree on the memory).
     Streamed blocks are pinned greedily in execution order while the pinned total stays within
     ``pinned_limit``; the others stay pageable (and are noted).
     """
     n = len(packed)
     if isinstance(resident, int) and not isinstance(resident, bool):
-        resident_set = choose_resident(n, resident)
+        resident_set = choose_resident(n, resident, [stack for stack, *_ in packed])
     else:
         resident_set = {int(p) for p in resident}
         bad = [p for p in resident_set if not 0 <= p < n]

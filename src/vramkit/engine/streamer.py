@@ -818,9 +818,11 @@ def enable_block_streaming(
     source: TensorSource | None = None,
 ) -> BlockStreamer:
     """Stream ``module``'s repeated blocks onto ``device``; returns the started :class:`BlockStreamer`
-    (call its ``restore()`` to undo). ``resident`` is a count (spread evenly) or explicit positions
-    in execution order; ``host="disk"`` keeps the streamed blocks in a memory-mapped file in
-    ``offload_folder``; see :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
+    (call its ``restore()`` to undo). ``resident`` is a count (placed by
+    :func:`~vramkit.engine.blocks.choose_resident`: streamed bytes per stack follow its compute, spread
+    evenly within each stack) or explicit positions in execution order; ``host="disk"`` keeps the
+    streamed blocks in a memory-mapped file in ``offload_folder``; see
+    :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
     layout = compute_layout(module, resident, prefetch, storage, pinned_limit, alignment)
     return BlockStreamer(
         module,

@@ -79,9 +79,11 @@ class Calibration:
     nf4_compute_factor: float = 1.6
     #: compute slowdown of fp32 weights against bf16 (no TF32); assumed.
     fp32_compute_factor: float = 8.0
-    #: smooth maximum exponent p for overlapped copy and compute, t = (c^p + s^p)^(1/p); fitted to the
-    #: streaming table of flux-facts (0.206 s at 16 GiB where c=0.179 and s=0.174; 1.0-1.02x elsewhere).
-    stream_overlap_exponent: float = 4.5
+    #: smooth maximum exponent p for overlapped copy and compute, t = (c^p + s^p)^(1/p); refitted once
+    #: resident blocks were placed by compute (streaming_1024_balanced_h200.json: 0.179 s at 16 GiB where
+    #: c=0.172 and s=0.164, 0.187 s where s=0.186; 1.00-1.01x of the larger term elsewhere). The even-by-count
+    #: placement before it needed p=4.5 (0.206 s at 16 GiB in flux-facts' table).
+    stream_overlap_exponent: float = 11.0
     #: fixed time per streamed forward (events, pre-hooks); streaming table of flux-facts.
     stream_overhead_s: float = 0.004
     #: a plan across several devices is chosen only when it is predicted this much faster per call

@@ -76,7 +76,9 @@ class BlockStreaming(Strategy):
     in, ``prefetch`` blocks ahead, through a ring of ``prefetch + 1`` GPU slots.
 
     - ``resident``: blocks kept on the GPU; ``None`` = as many as ``budget`` allows, or 0 when no
-      budget is given. Resident blocks are spread evenly through the execution order.
+      budget is given. A count is placed so that each stack streams bytes in proportion to its
+      compute (FLUX's double-stream blocks compute half as much per byte as its single-stream ones),
+      spread evenly within each stack (:func:`~vramkit.engine.blocks.choose_resident`).
     - ``prefetch``: blocks copied ahead (ring of ``prefetch + 1`` slots, each as big as the largest
       streamed block).
     - ``storage``: ``None`` keeps the weights as loaded (bit-identical output); ``"bf16"``/``"fp16"``
