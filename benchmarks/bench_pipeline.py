@@ -39,6 +39,7 @@ CONFIGS = {
     "unoptimized": "pipe.to('cuda'): everything resident",
     "vramkit": "vramkit.optimize(pipe, quality='lossless')",
     "vramkit-fp8": "vramkit.optimize(pipe, quality='auto')",
+    "vramkit-fp8-compile": "vramkit.optimize(pipe, quality='auto', compile=True)",
     "diffusers-leaf-stream": "group offload, leaf level, stream",
     "diffusers-leaf-stream-fp8": "group offload, leaf level, stream + fp8 layerwise casting",
     "diffusers-block-stream": "group offload, block level, stream",
@@ -99,7 +100,8 @@ def apply_config(pipe: Any, config: str, device: str) -> dict[str, Any]:
         import vramkit
 
         quality = "lossless" if config == "vramkit" else "auto"
-        plan = vramkit.optimize(pipe, quality=quality, height=ARGS.size, width=ARGS.size)
+        extra = {"compile": True} if config.endswith("-compile") else {}
+        plan = vramkit.optimize(pipe, quality=quality, height=ARGS.size, width=ARGS.size, **extra)
         info["plan"] = plan.to_dict()
         info["plan_text"] = plan.explain()
         info["transformer_streamed_bytes"] = streamed_bytes(plan)
@@ -174,6 +176,12 @@ def call(pipe: Any, steps: int, tiny: bool) -> float:
     return time.perf_counter() - start
 
 
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def run_one(config: str, budget_gib: float) -> dict[str, Any]:
     tiny = ARGS.tiny
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
@@ -199,8 +207,11 @@ def run_one(config: str, budget_gib: float) -> dict[str, Any]:
             result.update(apply_config(pipe, config, device))
             result["apply_seconds"] = time.perf_counter() - t0
             call(pipe, 2, tiny)  # warm-up (first-call costs: cuDNN autotune, pinning, lazy init)
+            graphs_before = _graphs_compiled()
             t_lo = call(pipe, 2, tiny)
             t_hi = call(pipe, ARGS.steps, tiny)
+            # Graphs compiled after the warm-up call: 0 unless something recompiles per call or step.
+            result["graphs_compiled_while_measuring"] = _graphs_compiled() - graphs_before
             per_step = (t_hi - t_lo) / (ARGS.steps - 2)
             result.update(status="ok", seconds_2_steps=t_lo, seconds_n_steps=t_hi, n_steps=ARGS.steps,
                           seconds_per_step=per_step, seconds_per_image_28=t_lo + 26 * per_step)

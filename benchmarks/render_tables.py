@@ -77,7 +77,9 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         f"### Whole FLUX.1-dev pipeline, {data['size']}² ({env.get('device', '?')}, torch {env['torch']}, "
         f"diffusers {env['diffusers']})",
         "",
-        f"Command: `{env['command']}`. s/step from the difference of a 2-step and an N-step call; s/image "
+        f"Command: `{env['command']}`; code: {data.get('code_state', 'not recorded')}. "
+        + (f"Note: {data['note']}. " if data.get("note") else "")
+        + "s/step from the difference of a 2-step and an N-step call; s/image "
         "extrapolated to 28 steps (text encoding and VAE decode included). Peaks exclude the ballast. "
         "'planned for' is the VRAM the planner used after its safety margin: where it is far below the budget, "
         "the run predates the fix that made the margin a share of the free memory rather than of the device. "
@@ -103,7 +105,7 @@ def pipeline(data: dict[str, Any]) -> list[str]:
     best_image: dict[tuple[float, bool], float] = {}
     for r in data["results"]:
         if r.get("status") == "ok" and _builtin(r["config"]) and r["seconds_per_step"] > 0:
-            key = (r["budget_gib"], r["config"].endswith("fp8"))
+            key = (r["budget_gib"], "fp8" in r["config"])
             best_step[key] = min(best_step.get(key, float("inf")), r["seconds_per_step"])
             best_image[key] = min(best_image.get(key, float("inf")), r["seconds_per_image_28"])
     for r in data["results"]:
@@ -129,7 +131,7 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         # Runs before the planner reported allocated memory recorded the padded peak; the allocated
         # estimate inside it is (padded - 384 MiB) / 1.05 (the planner's allocator reserve).
         pa = f"{(pred['peak_vram'] - 384 * 2**20) / 1.05 / 2**30:.2f}" if pred else ""
-        key = (b, r["config"].endswith("fp8"))
+        key = (b, "fp8" in r["config"])
         step_x = f"{best_step[key] / r['seconds_per_step']:.2f}x" if key in best_step else ""
         image_x = f"{best_image[key] / r['seconds_per_image_28']:.2f}x" if key in best_image else ""
         floor = floor_seconds(data["results"], r)
@@ -242,6 +244,8 @@ def main() -> int:
         ("streaming_1024_balanced_h200.json", streaming),
         ("pipeline_1024_8gib_h200.json", pipeline),
         ("pipeline_1024_12gib_h200.json", pipeline),
+        ("pipeline_1024_8gib_compile_h200.json", pipeline),
+        ("pipeline_512_8gib_partial_h200.json", pipeline),
         ("pipeline_1024_h200.json", pipeline),
         ("grid_flux-dev_h200.json", grid),
         ("grid_flux-fill_h200.json", grid),
