@@ -120,3 +120,82 @@ def test_an_undone_wrapper_kept_by_someone_else_only_passes_calls_through() -> N
     pipe(**tiny_call_kwargs("flux"))  # must neither park a restored streamer nor fail
     assert streamer.park_count == 0
     del pipe.vae.__dict__["decode"]
+
+
+def test_text_encoder_parks_after_every_forward_bit_identical() -> None:
+    """BlockStreaming(park_after_forward=True) on T5: the ring is freed once the prompt is encoded
+    and comes back for the next prompt; the images equal the unparked streamer's; restore is exact."""
+    pipe = tiny_pipeline("flux")
+    before = {k: v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}
+    plain = enable_block_streaming(pipe.text_encoder_2, resident=0, device="cpu")
+    ref = [pipe(**tiny_call_kwargs("flux")).images for _ in range(2)]
+    plain.restore()
+
+    streamer = enable_block_streaming(pipe.text_encoder_2, resident=0, device="cpu", park_after_forward=True)
+    assert streamer.parkable and not streamer.parked
+    first = pipe(**tiny_call_kwargs("flux")).images
+    assert streamer.parked and streamer.park_count == 1
+    assert not streamer._slots and streamer.scheduler is None  # the ring is gone until the next prompt
+    second = pipe(**tiny_call_kwargs("flux")).images
+    assert streamer.park_count == 2
+    assert torch.equal(first, ref[0]) and torch.equal(second, ref[1])
+    streamer.restore()
+    after = pipe.text_encoder_2.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_park_after_forward_flag_is_validated() -> None:
+    from vramkit.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="park_after_forward"):
+        BlockStreaming(park_after_forward=1)  # type: ignore[arg-type]
+    assert BlockStreaming(park_after_forward=True).to_dict()["park_after_forward"] is True
+
+
+def test_planned_text_encoding_runs_beside_the_parked_transformer() -> None:
+    """Lossless 8 GiB plan: T5 streamed with park_after_forward, the transformer parked from the
+    decode (and from the start) until its first step, so the text encoding stage holds neither the
+    transformer's resident blocks nor its ring, and the denoising step holds no T5 ring."""
+    import vramkit
+    from vramkit.testing.full_size import full_size_flux_pipeline
+
+    pipe = full_size_flux_pipeline("flux-dev", device="meta")
+    plan = vramkit.plan(pipe, vram="8GiB", ram="128GiB", height=1024, width=1024, quality="lossless",
+                        bandwidth="55GB/s")
+    t5 = next(s for s in plan.steps if s.component == "text_encoder_2")
+    assert t5.strategy.name == "BlockStreaming" and t5.strategy.park_after_forward
+    assert "ring is freed" in t5.reason
+    t = next(s for s in plan.steps if s.component == "transformer")
+    assert t.strategy.park_during_decode
+    stages = plan.predicted.stages
+    assert stages["text_encoding"].vram < stages["denoising_step"].vram / 2
+    # One more double-stream block than before T5's ring left the denoising step (5 at 7.5 GiB).
+    assert t.strategy.resident >= 6
+
+
+def test_parked_streamer_starts_parked_when_applied_through_the_strategy(monkeypatch) -> None:
+    """The strategy parks right after applying (so the first call's text encoding has the memory);
+    the first forward brings the blocks back, bit-identical."""
+    import vramkit.strategies.streaming as streaming
+    from vramkit.engine import BlockStreamer
+
+    started: list[BlockStreamer] = []
+    real_start = BlockStreamer.start
+
+    def start(self: BlockStreamer) -> BlockStreamer:
+        started.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(BlockStreamer, "start", start)
+    monkeypatch.setattr(BlockStreaming, "_effective", lambda self: True)
+    monkeypatch.setattr(streaming, "_device", lambda config: torch.device("cpu"))
+    pipe = tiny_pipeline("flux")
+    ref = pipe(**tiny_call_kwargs("flux")).images
+    undo = streaming.apply_block_streaming(
+        pipe, BlockStreaming(resident=2, park_during_decode=True), "transformer"
+    )
+    (streamer,) = started
+    assert streamer.parked and streamer.park_count == 1
+    out = pipe(**tiny_call_kwargs("flux")).images
+    assert torch.equal(out, ref)
+    undo()

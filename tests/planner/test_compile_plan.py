@@ -88,3 +88,15 @@ def test_no_gpu_plan_notes_that_nothing_compiles():
     plan = vramkit.plan(tiny_pipeline("flux"), device="cpu", compile=True)
     assert not plan.steps
     assert any("nothing compiled" in n for n in plan.notes)
+
+
+def test_sequential_plan_without_controlnet_names_only_the_transformer(specs):
+    plan = plan_for(specs["flux-dev"], Request(1024, 1024), budget(3), "auto", compile=True)
+    notes = [n for n in plan.notes if n.startswith("compile:")]
+    assert len(notes) == 1 and "transformer" in notes[0]
+
+
+def test_lossless_refused_before_any_search(specs):
+    # Even where nothing fits (1 GiB), the lossless+compile conflict is what the user hears first.
+    with pytest.raises(InvalidRequestError, match="bit-identical"):
+        plan_for(specs["flux-dev"], Request(1024, 1024), budget(1), "lossless", compile=True)

@@ -185,6 +185,7 @@ class BlockStreamer:
         offload_folder: str | Path | None = None,
         source: TensorSource | None = None,
         park: bool = False,
+        park_after_forward: bool = False,
     ) -> None:
         if host not in HOSTS:
             raise InvalidRequestError(f"host={host!r}: use one of {HOSTS}.")
@@ -231,7 +232,10 @@ class BlockStreamer:
         self._names = {id(m): n for n, m in module.named_modules()}
         # Parking (see park()): resident blocks are packed on the device with a host copy, so the
         # device copy, the ring and the scratch can be freed while other models run.
-        self.parkable = bool(park)
+        self.parkable = bool(park) or bool(park_after_forward)
+        # Park at the end of every forward (a text encoder that runs once per prompt: its ring need
+        # not sit on the device through the denoising steps).
+        self.park_after_forward = bool(park_after_forward)
         self.parked = False
         self._park_host: dict[int, HostBuffer] = {}
         self.park_count = 0
@@ -769,6 +773,11 @@ class _RootHook(ModelHook):  # type: ignore[misc]
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return self.streamer._before_forward(args, kwargs)
 
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        if self.streamer.park_after_forward:
+            self.streamer.park()
+        return output
+
 
 class _StreamHook(ModelHook):  # type: ignore[misc]
     """Around a streamed block: take its slot before it runs, free the slot after."""
@@ -816,6 +825,7 @@ def enable_block_streaming(
     park: bool = False,
     offload_folder: str | Path | None = None,
     source: TensorSource | None = None,
+    park_after_forward: bool = False,
 ) -> BlockStreamer:
     """Stream ``module``'s repeated blocks onto ``device``; returns the started :class:`BlockStreamer`
     (call its ``restore()`` to undo). ``resident`` is a count (placed by
@@ -833,6 +843,7 @@ def enable_block_streaming(
         fused_decode=fused_decode,
         host=host,
         park=park,
+        park_after_forward=park_after_forward,
         offload_folder=offload_folder,
         source=source,
     ).start()

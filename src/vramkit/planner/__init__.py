@@ -250,6 +250,7 @@ def plan_for(
     """
     if quality not in QUALITIES:
         raise InvalidRequestError(f"quality={quality!r}: use one of {QUALITIES}.")
+    _check_compile(quality, compile)
     spec = components_spec if isinstance(components_spec, PipelineSpec) else spec_from_modules(dict(components_spec))
     if isinstance(request, Request):
         req = request
@@ -261,7 +262,7 @@ def plan_for(
     notes: list[str] = []
     if isinstance(probe_or_budget, DeviceProbe):
         if not probe_or_budget.is_gpu:
-            return _finish(_no_gpu_plan(spec, req, quality, probe_or_budget), quality, compile)
+            return _finish(_no_gpu_plan(spec, req, quality, probe_or_budget), quality, compile, spec)
         budget, notes = budget_for(probe_or_budget)
     elif isinstance(probe_or_budget, Budget):
         budget = probe_or_budget
@@ -288,18 +289,26 @@ def plan_for(
         )
     record = _request_record(spec, req, budget, quality)
     plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
-    return _finish(plan, quality, compile)
+    return _finish(plan, quality, compile, spec)
 
 
-def _finish(plan: Plan, quality: str, compile: bool) -> Plan:
+def _finish(plan: Plan, quality: str, compile: bool, spec: PipelineSpec) -> Plan:
     """The searched plan, with a ``Compile`` step when asked for."""
     if not compile:
         return plan
     from .compiling import with_compile
 
-    plan = with_compile(plan, quality)
-    plan.request["compile"] = True
+    present = tuple(c for c in ("transformer", "controlnet") if spec.get(c) is not None)
+    plan = with_compile(plan, quality, present)
+    plan.request = {**plan.request, "compile": True}
     return plan
+
+
+def _check_compile(quality: str, compile: bool) -> None:
+    if compile:
+        from .compiling import check_compile_quality
+
+        check_compile_quality(quality)
 
 
 def _no_gpu_plan(spec: PipelineSpec, req: Request, quality: str, found: DeviceProbe) -> Plan:
@@ -409,6 +418,7 @@ def plan_pipeline(
     """
     if quality not in QUALITIES:
         raise InvalidRequestError(f"quality={quality!r}: use one of {QUALITIES}.")
+    _check_compile(quality, compile)
     spec = spec_from_pipeline(pipe)
     h = spec.default_height if height is None else height
     w = spec.default_width if width is None else width
@@ -442,9 +452,9 @@ def plan_pipeline(
         )
         record = _request_record(spec, req, budget, quality)
         plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
-        return _finish(plan, quality, compile)
+        return _finish(plan, quality, compile, spec)
     if not found.is_gpu and vram is None:
-        return _finish(_no_gpu_plan(spec, req, quality, found), quality, compile)
+        return _finish(_no_gpu_plan(spec, req, quality, found), quality, compile, spec)
     budget, notes = budget_for(
         found,
         vram=vram,
@@ -458,7 +468,7 @@ def plan_pipeline(
         notes.append(f"the pipeline holds {format_bytes(_bytes_on(modules, 'cpu'))} in host RAM now")
     record = _request_record(spec, req, budget, quality)
     plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
-    return _finish(plan, quality, compile)
+    return _finish(plan, quality, compile, spec)
 
 
 def _process_rss() -> int:

@@ -24,10 +24,19 @@ from ..errors import InvalidRequestError
 from ..plan import Plan, PlanStep
 from ..strategies.configs import Compile
 
-__all__ = ["with_compile"]
+__all__ = ["check_compile_quality", "with_compile"]
 
 _COMPILABLE = ("transformer", "controlnet")
 _MOVES = {"BlockStreaming": "block-streamed", "ModelOffload": "offloaded per call"}
+
+
+def check_compile_quality(quality: str) -> None:
+    """Refuse ``compile=True`` with ``quality="lossless"`` (called before any search)."""
+    if quality == "lossless":
+        raise InvalidRequestError(
+            "compile=True with quality='lossless': torch.compile (inductor) fuses kernels and changes the last "
+            "bits, so the output would not be bit-identical. Use quality='auto' to compile, or leave compile off."
+        )
 
 
 def _placement(plan: Plan, component: str) -> str | None:
@@ -46,15 +55,12 @@ def _placement(plan: Plan, component: str) -> str | None:
 def with_compile(plan: Plan, quality: str, components: tuple[str, ...] = _COMPILABLE) -> Plan:
     """``plan`` with a ``Compile`` step for the transformer (and ControlNet) and why its mode fits.
 
-    ``components`` present in the plan's request are compiled unless sequentially offloaded. Raises
+    ``components``: the compilable components the pipeline has (default: transformer and
+    ControlNet); each is compiled unless sequentially offloaded. Raises
     :class:`InvalidRequestError` with ``quality="lossless"``: inductor's fused kernels change the
     last bits, so a compiled plan is never bit-identical.
     """
-    if quality == "lossless":
-        raise InvalidRequestError(
-            "compile=True with quality='lossless': torch.compile (inductor) fuses kernels and changes the last "
-            "bits, so the output would not be bit-identical. Use quality='auto' to compile, or leave compile off."
-        )
+    check_compile_quality(quality)
     if not plan.steps and plan.predicted is None:
         return dataclasses.replace(plan, notes=[*plan.notes, "compile: no GPU plan, nothing compiled"])
     notes = list(plan.notes)
@@ -90,7 +96,7 @@ def with_compile(plan: Plan, quality: str, components: tuple[str, ...] = _COMPIL
         + ". One graph per repeated block class, compiled at the first call (seconds to a minute), no "
         "recompilation later; faster where the step waits for compute (measured 1.25x per step with fp8 "
         "storage at 8 GiB on an H200), not where it waits for copies (0.99x, bf16 at 8 GiB); the predicted "
-        "times leave this out; changes the last bits"
+        "times leave this out; a recovery re-plan compiles again; changes the last bits"
     )
     added = [PlanStep(strategy=config, component=c, reason=reason, lossless=False, reversible=True) for c in chosen]
     steps = sorted([*plan.steps, *added], key=lambda st: st.strategy.order)

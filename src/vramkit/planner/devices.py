@@ -446,7 +446,7 @@ def search_devices(
         len(best.devices) > 1
         and alone is not None
         and alone.lossless >= best.lossless
-        and alone.call_seconds <= best.call_seconds * (1.0 + cal.multi_device_min_gain)
+        and best.call_seconds > alone.call_seconds * (1.0 - cal.multi_device_min_gain)
     ):
         # Within the model's error a split only adds cross-device hops: keep one device.
         declined, best = best, alone

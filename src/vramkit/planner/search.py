@@ -524,7 +524,10 @@ def _evaluate(
             g = ctx.geo(ctx.t5, "loaded", 0)
             pin = _greedy_pinned(g.blocks, pin_left)
             pin_left -= pin
-            persist += w_clip + g.device
+            # BlockStreaming(park_after_forward=True): T5's ring is on the GPU while it encodes only;
+            # its small rest (embedding, final norm) stays.
+            persist += w_clip + g.rest
+            te_extra += g.device - g.rest
             ram += g.streamed + g.retained
             pinned += pin
             t5_c = text_encode_seconds(cal, ctx.t5.sizes, None, ctx.text_tokens)
@@ -539,7 +542,8 @@ def _evaluate(
             assert ctx.t5 is not None
             g = ctx.geo(ctx.t5, "loaded", 0)
             ws = _disk_working_set(g)
-            persist += w_clip + g.device
+            persist += w_clip + g.rest
+            te_extra += g.device - g.rest
             ram += ws
             t5_c = text_encode_seconds(cal, ctx.t5.sizes, None, ctx.text_tokens)
             clip_c = text_encode_seconds(cal, None, ctx.clip.sizes, ctx.text_tokens) if ctx.clip is not None else 0.0
@@ -609,18 +613,21 @@ def _evaluate(
         and ram + park_resident <= budget.ram
         and pinned + park_resident <= budget.pinned
     )
+    # A parked streamer also starts parked (BlockStreaming parks it once applied) and stays parked
+    # from one call's decode to the next call's first step: the text encoding runs beside its rest only.
+    te_pad_parked = ctx.pad(te_raw - parkable) if park_ok else te_pad
     for opt in vae_opts:
         dec_pad = ctx.pad(persist + dec_extra + opt.dec_bytes)
         enc_pad = ctx.pad(persist + enc_extra + opt.enc_bytes) if ctx.needs_encode() else 0
-        dec_opts.append((dec_pad, enc_pad, opt, False, opt.seconds))
+        dec_opts.append((dec_pad, enc_pad, opt, False, opt.seconds, te_pad))
         if park_ok:
             # The stage starts with everything still placed, then frees it and decodes.
             parked_pad = ctx.pad(max(persist + dec_extra, persist - parkable + dec_extra + opt.dec_bytes))
-            dec_opts.append((parked_pad, enc_pad, opt, True, opt.seconds + park_resident / ctx.bw))
+            dec_opts.append((parked_pad, enc_pad, opt, True, opt.seconds + park_resident / ctx.bw, te_pad_parked))
     dec_opts.sort(key=lambda d: (d[4], d[2].n_steps, d[3]))
     min_den = min(d[0] for d in den_opts)
-    min_dec = min(max(d[0], d[1]) for d in dec_opts)
-    cand.min_peak_vram = max(te_pad, min_den, min_dec)
+    min_dec = min(max(d[0], d[1], d[5]) for d in dec_opts)
+    cand.min_peak_vram = max(min_den, min_dec)
     cand.ram = int(ram)
     cand.pinned = int(pinned)
     cand.n_steps = n_steps
@@ -629,14 +636,14 @@ def _evaluate(
 
     vram = budget.vram
     den_pick = next((d for d in den_opts if d[0] <= vram), None)
-    dec_pick = next((d for d in dec_opts if d[0] <= vram and d[1] <= vram), None)
+    dec_pick = next((d for d in dec_opts if d[0] <= vram and d[1] <= vram and d[5] <= vram), None)
     # Choose the fastest options that fit (or the smallest, to report how far off it is).
     if den_pick is None:
         den_pick = min(den_opts, key=lambda d: d[0])
     if dec_pick is None:
-        dec_pick = min(dec_opts, key=lambda d: max(d[0], d[1]))
+        dec_pick = min(dec_opts, key=lambda d: max(d[0], d[1], d[5]))
     den_pad, step_seconds, chunk, compute_s = den_pick
-    dec_pad, enc_pad, vae_opt, park, _ = dec_pick
+    dec_pad, enc_pad, vae_opt, park, _, te_pad = dec_pick
     info["park"] = park
     if park:
         info["park_resident"] = park_resident
@@ -966,10 +973,12 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                         prefetch=_PREFETCH,
                         components=("text_encoder_2",),
                         pinned_limit=pin if pin < g.streamed else None,
+                        park_after_forward=True,
                     ),
                     "text_encoder_2",
                     f"T5 ({_gb(w_t5)}) runs once per prompt: streaming its {g.n_streamed} blocks from {where} "
-                    f"takes {info['t5_one']:.2f} s per prompt and keeps only {_gb(g.device)} on the GPU, instead of "
+                    f"takes {info['t5_one']:.2f} s per prompt and needs only {_gb(g.device)} on the GPU while it "
+                    f"encodes ({_gb(g.rest)} after: its ring is freed until the next prompt), instead of "
                     f"{_gb(w_t5)} resident through every step or {move:.1f} s to move it in and out whole.",
                 )
             )
@@ -980,7 +989,13 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
         w_t5 = ctx.w(ctx.t5)
         steps.append(
             (
-                BlockStreaming(resident=0, prefetch=_PREFETCH, components=("text_encoder_2",), host="disk"),
+                BlockStreaming(
+                    resident=0,
+                    prefetch=_PREFETCH,
+                    components=("text_encoder_2",),
+                    host="disk",
+                    park_after_forward=True,
+                ),
                 "text_encoder_2",
                 f"T5 ({_gb(w_t5)}) does not fit the {format_bytes(budget.vram)} GPU budget beside the rest, and "
                 f"keeping it in host RAM would take this plan's RAM to "

@@ -101,7 +101,11 @@ class BlockStreaming(Strategy):
     - ``park_during_decode``: free the resident blocks, the ring and the decode scratch while the
       VAE decodes (the resident blocks keep a pinned host copy, so host RAM grows by their size);
       the next forward copies them back (once per call). Lets a lossless plan keep more blocks
-      resident without the decode's activations having to fit beside them.
+      resident without the decode's activations having to fit beside them. The streamer also starts
+      parked, so the text encoders run beside the module's rest only.
+    - ``park_after_forward``: free the resident blocks, the ring and the scratch at the end of every
+      forward of the component (the next forward brings them back). For a text encoder, which runs
+      once per prompt: its ring would otherwise sit on the GPU through every denoising step.
     - ``offload_folder``: where ``host="disk"`` writes (default ``$VRAMKIT_OFFLOAD_DIR``, else
       ``offload/`` in vramkit's cache directory; put it on a fast local SSD, not on a tmpfs). The
       file is deleted on restore.
@@ -122,6 +126,7 @@ class BlockStreaming(Strategy):
     host: str = "ram"
     offload_folder: str | None = None
     park_during_decode: bool = False
+    park_after_forward: bool = False
 
     name: ClassVar[str] = "BlockStreaming"
     order: ClassVar[int] = 70
@@ -164,6 +169,10 @@ class BlockStreaming(Strategy):
         if not isinstance(self.park_during_decode, bool):
             raise InvalidRequestError(
                 f"BlockStreaming(park_during_decode={self.park_during_decode!r}): give True or False."
+            )
+        if not isinstance(self.park_after_forward, bool):
+            raise InvalidRequestError(
+                f"BlockStreaming(park_after_forward={self.park_after_forward!r}): give True or False."
             )
         if self.offload_folder is not None:
             if not isinstance(self.offload_folder, (str, os.PathLike)) or not str(self.offload_folder):
@@ -270,9 +279,15 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
                     offload_folder=config.offload_folder,
                     source=weight_source_of(target),
                     park=config.park_during_decode,
+                    park_after_forward=config.park_after_forward,
                 ).start()
             )
         unhook = _park_around_vae_decode(pipe, streamers) if config.park_during_decode else None
+        if config.park_during_decode or config.park_after_forward:
+            # Start parked: the first forward brings everything in, so what runs before it (the text
+            # encoders, an image's VAE encode) has the memory; the planner counts on it.
+            for s in streamers:
+                s.park()
         # With an explicit device (several GPUs) the component's outputs go back to the execution
         # device; registered after the streamer's hooks so it is outermost and sees the caller's inputs.
         unbind = bind_device(pipe, component or "", module, device) if config.device is not None else None
