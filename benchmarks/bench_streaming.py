@@ -17,6 +17,10 @@ What it does, in one process:
    the floor ``L(B) = max(resident step, streamed bytes / bandwidth)``, the ratio, the engine's
    counters and whether the output is bit-identical to the reference (bf16) or how far it is (fp8).
 
+``--unit part`` (or ``block,part`` to compare in one process) streams each block as its parts
+(:func:`vramkit.engine.blocks.block_parts`: smaller ring slots, more resident weights for the same
+budget); each row records its ``unit``, and ``resident_blocks``/``streamed_blocks`` then count parts.
+
 Prints a short table and writes ``$OUT/streaming_<size>.json`` (``./out`` when ``OUT`` is unset).
 Expected runtime on an H100: about 3-5 minutes (mostly packing/pinning 24 GB per configuration).
 """
@@ -35,6 +39,7 @@ from typing import Any
 import torch
 
 from vramkit.engine import BlockStreamer, HostBuffer, max_resident_for_budget
+from vramkit.engine.blocks import UNITS
 from vramkit.errors import PlanInfeasibleError
 
 GIB = 2**30
@@ -189,18 +194,19 @@ def measure_config(
     storage: str | None,
     args: argparse.Namespace,
     prefetch: int,
+    unit: str,
     activation_bytes: int,
     resident_step: float | None,
     bandwidth: float,
     ref: torch.Tensor | None,
 ) -> dict[str, Any]:
     budget = int(budget_gib * GIB)
-    row: dict[str, Any] = {"budget_gib": budget_gib, "storage": storage or "bf16", "prefetch": prefetch}
+    row: dict[str, Any] = {"budget_gib": budget_gib, "storage": storage or "bf16", "prefetch": prefetch, "unit": unit}
     margin = max(args.margin_mib * 2**20, int(0.03 * budget))
     weights_budget = budget - activation_bytes - margin
     row["weights_budget_gib"] = weights_budget / GIB
     try:
-        layout = max_resident_for_budget(model, weights_budget, prefetch, storage)
+        layout = max_resident_for_budget(model, weights_budget, prefetch, storage, unit=unit)
     except PlanInfeasibleError as exc:
         row["error"] = f"infeasible: {exc}"
         return row
@@ -210,6 +216,7 @@ def measure_config(
         resident_gb=(layout.rest_nbytes + layout.resident_nbytes) / 1e9,
         streamed_gb=layout.streamed_nbytes / 1e9,
         ring_gb=layout.ring_nbytes / 1e9,
+        slot_gb=layout.slot_nbytes / 1e9,
         scratch_gb=layout.scratch_nbytes / 1e9,
         predicted_weights_gib=layout.device_nbytes / GIB,
     )
@@ -267,7 +274,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--margin-mib", type=int, default=384, help="kept free on top of the activation peak")
     p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument(
+        "--unit",
+        default="block",
+        help="what streams as one piece: block (default) and/or part (each block's parts); comma separated",
+    )
     args = p.parse_args()
+    units = [u for u in args.unit.split(",") if u]
+    bad = [u for u in units if u not in UNITS]
+    if bad or not units:
+        p.error(f"--unit {args.unit!r}: use some of {', '.join(UNITS)}")
     if not torch.cuda.is_available():
         sys.exit("bench_streaming needs a CUDA device")
     import diffusers
@@ -337,14 +353,26 @@ def main() -> None:
     for budget in [float(b) for b in args.budgets.split(",") if b]:
         for storage in storages:
             for prefetch in prefetches:
-                log(f"budget {budget:g} GiB, storage {storage or 'bf16'}, prefetch {prefetch}")
-                row = measure_config(
-                    model, inputs, budget, storage, args, prefetch, activation_bytes, resident_step, bw["gbps"], ref
-                )
-                result["rows"].append(row)
-                log("  " + json.dumps({k: v for k, v in row.items() if k not in ("step_times", "stats")}, default=str))
-                with open(os.path.join(out_dir, f"streaming_{args.size}.json"), "w") as f:
-                    json.dump(result, f, indent=1, default=str)
+                for unit in units:
+                    log(f"budget {budget:g} GiB, storage {storage or 'bf16'}, prefetch {prefetch}, unit {unit}")
+                    row = measure_config(
+                        model,
+                        inputs,
+                        budget,
+                        storage,
+                        args,
+                        prefetch,
+                        unit,
+                        activation_bytes,
+                        resident_step,
+                        bw["gbps"],
+                        ref,
+                    )
+                    result["rows"].append(row)
+                    brief = {k: v for k, v in row.items() if k not in ("step_times", "stats")}
+                    log("  " + json.dumps(brief, default=str))
+                    with open(os.path.join(out_dir, f"streaming_{args.size}.json"), "w") as f:
+                        json.dump(result, f, indent=1, default=str)
 
     result["wall_s"] = time.perf_counter() - t_start
     with open(os.path.join(out_dir, f"streaming_{args.size}.json"), "w") as f:
@@ -384,18 +412,22 @@ def print_table(result: dict[str, Any]) -> None:
         f"resident: {res.get('s_per_step', float('nan')):.3f} s/step; pinned H2D {result['bandwidth']['gbps']:.1f} GB/s"
     )
     hdr = (
-        f"{'budget':>6} {'store':>5} {'pf':>2} {'res':>4} {'resGB':>6} {'strGB':>6} {'s/step':>7} {'L(B)':>6} "
-        f"{'ratio':>5} {'peakGiB':>7} {'fallb':>5} {'exact/err':>10}"
+        f"{'budget':>6} {'store':>5} {'pf':>2} {'unit':>5} {'res':>4} {'resGB':>6} {'strGB':>6} {'s/step':>7} "
+        f"{'L(B)':>6} {'ratio':>5} {'peakGiB':>7} {'fallb':>5} {'exact/err':>10}"
     )
     print(hdr)
     for r in result["rows"]:
         if "error" in r:
-            print(f"{r['budget_gib']:>6g} {r['storage']:>5} {r['prefetch']:>2} {r['error'][:90]}")
+            print(
+                f"{r['budget_gib']:>6g} {r['storage']:>5} {r['prefetch']:>2} {r.get('unit', 'block'):>5} "
+                f"{r['error'][:90]}"
+            )
             continue
         exact = r.get("bit_identical")
         check = ("yes" if exact else "NO") if exact is not None else f"{r.get('rel_l2_err', float('nan')):.2e}"
         print(
-            f"{r['budget_gib']:>6g} {r['storage']:>5} {r['prefetch']:>2} {r['resident_blocks']:>4} "
+            f"{r['budget_gib']:>6g} {r['storage']:>5} {r['prefetch']:>2} {r.get('unit', 'block'):>5} "
+            f"{r['resident_blocks']:>4} "
             f"{r['resident_gb']:>6.1f} "
             f"{r['streamed_gb']:>6.1f} {r['s_per_step']:>7.3f} {r.get('L_B', float('nan')):>6.3f} "
             f"{r.get('ratio', float('nan')):>5.2f} {r['peak_alloc_gib']:>7.2f} {r['stats']['fallbacks']:>5} {check:>10}"

@@ -44,8 +44,10 @@ def streaming(data: dict[str, Any]) -> list[str]:
             if r.get("bit_identical")
             else (f"rel. L2 {r['rel_l2_err']:.1e}" if "rel_l2_err" in r else "differs")
         )
+        # Rows streamed by parts (bench_streaming.py --unit part) count parts, not blocks.
+        resident = r["resident_blocks"] if r.get("unit", "block") == "block" else f"{r['resident_blocks']} parts"
         out.append(
-            f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | {r['resident_blocks']} | "
+            f"| {r['budget_gib']:g} | {r['storage']} | {r.get('prefetch', 1)} | {resident} | "
             f"{r['streamed_gb']:.1f} | "
             f"{r['s_per_step']:.3f} | {r['L_B']:.3f} | {r['ratio']:.2f} | {r['peak_alloc_gib']:.2f} | {exact} |"
         )

@@ -13,8 +13,15 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from ..errors import InvalidRequestError, UnsupportedPipelineError
+
 __all__ = [
     "find_block_stacks",
+    "block_parts",
+    "streaming_units",
+    "check_unit",
+    "UNITS",
+    "PART_ORDER",
     "choose_resident",
     "compute_per_byte",
     "split_streamed",
@@ -90,6 +97,84 @@ def find_block_stacks(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 def execution_order(stacks: Sequence[tuple[str, nn.ModuleList]]) -> list[tuple[str, int, nn.Module]]:
     """Every block as ``(stack name, index in its stack, block)`` in the order the model runs them."""
     return [(name, i, block) for name, stack in stacks for i, block in enumerate(stack)]
+
+
+#: What one streaming unit is: ``"block"`` (a whole repeated block: the default) or ``"part"``
+#: (each parameter-owning child of a block, see :func:`block_parts`).
+UNITS: tuple[str, ...] = ("block", "part")
+
+#: The direct children of a block class that own its parameters, in the order its ``forward`` calls
+#: them, each exactly once (checked against diffusers' FLUX blocks by hooking a tiny model's
+#: children, tests/engine/test_part_streaming.py). Not the registration order: a
+#: FluxSingleTransformerBlock registers ``proj_out`` before ``attn`` but calls it after. Children
+#: without parameters or buffers (``norm2``, ``act_mlp``) stay outside every unit.
+PART_ORDER: dict[str, tuple[str, ...]] = {
+    "FluxTransformerBlock": ("norm1", "norm1_context", "attn", "ff", "ff_context"),
+    "FluxSingleTransformerBlock": ("norm", "proj_mlp", "attn", "proj_out"),
+}
+
+
+def check_unit(unit: object) -> str:
+    """``unit`` if it is one of :data:`UNITS`, else :class:`InvalidRequestError`."""
+    if unit not in UNITS:
+        raise InvalidRequestError(f"unit={unit!r}: use 'block' (whole blocks) or 'part' (each block's parts).")
+    return str(unit)
+
+
+def block_parts(block: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The parts of ``block`` that stream as separate units, as ``(child name, child)`` in call order.
+
+    Only block classes listed in :data:`PART_ORDER` are split (the call order cannot be read from a
+    module without running it): any other block (T5's, an unknown class) gives ``None`` and is
+    streamed whole. A listed class whose parameters or buffers are not all held by the listed
+    children (held directly by the block, or by another child: a modified block) cannot be split
+    safely and raises :class:`UnsupportedPipelineError`. Listed children without any tensor are
+    left out.
+    """
+    names = PART_ORDER.get(type(block).__name__)
+    if names is None:
+        return None
+    parts: list[tuple[str, nn.Module]] = []
+    covered: set[int] = set()
+    for name in names:
+        child = block._modules.get(name)
+        if child is None:
+            raise UnsupportedPipelineError(
+                f"{type(block).__name__} has no child {name!r}: its parts cannot be streamed (use unit='block')."
+            )
+        tensors = {id(t) for _, _, _, t in module_tensors(child)}
+        if tensors:
+            parts.append((name, child))
+            covered |= tensors
+    outside = sorted({f"{n}" for n, t in [*block.named_parameters(), *block.named_buffers()] if id(t) not in covered})
+    if outside:
+        raise UnsupportedPipelineError(
+            f"{type(block).__name__} holds tensors outside its parts {list(names)} ({outside[:4]}"
+            f"{' ...' if len(outside) > 4 else ''}): it cannot be streamed as parts (use unit='block')."
+        )
+    return parts
+
+
+def streaming_units(
+    stacks: Sequence[tuple[str, nn.ModuleList]], unit: str = "block"
+) -> list[tuple[str, int, str, nn.Module]]:
+    """Every streaming unit as ``(stack name, block index in its stack, part name, module)`` in the
+    order the model runs them.
+
+    With ``unit="block"`` these are the blocks of :func:`execution_order` (part name ``""``); with
+    ``unit="part"`` each block that :func:`block_parts` can split is replaced by its parts, in call
+    order (the others stay whole, part name ``""``). Every unit keeps its block's stack name, so
+    :data:`COMPUTE_PER_BYTE` applies to the parts of a stack as to its blocks.
+    """
+    check_unit(unit)
+    out: list[tuple[str, int, str, nn.Module]] = []
+    for name, index, block in execution_order(stacks):
+        parts = block_parts(block) if unit == "part" else None
+        if parts is None:
+            out.append((name, index, "", block))
+        else:
+            out.extend((name, index, part, child) for part, child in parts)
+    return out
 
 
 def compute_per_byte(stack: str) -> float:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import InvalidRequestError, UnsupportedPipelineError
 from . import codec as _codec
-from .blocks import choose_resident, execution_order, find_block_stacks, module_tensors
+from .blocks import check_unit, choose_resident, find_block_stacks, module_tensors, streaming_units
 
 __all__ = [
     "ALIGNMENT",
@@ -105,6 +105,10 @@ class BlockLayout:
     ``nbytes`` is the packed buffer size (the bytes copied per stream-in); ``original_nbytes`` the
     block's bytes as loaded; ``scratch_nbytes`` the decode scratch it needs (0 for raw blocks).
     ``pinned`` is meaningful for streamed blocks only.
+
+    With ``unit="part"`` a "block" here is one streaming unit: ``part`` names the child of block
+    ``stack[index]`` it is (``"attn"``; entry names are then relative to that child), ``""`` for a
+    whole block.
     """
 
     stack: str
@@ -116,6 +120,7 @@ class BlockLayout:
     original_nbytes: int
     scratch_nbytes: int
     pinned: bool = False
+    part: str = ""
 
     @property
     def encoded(self) -> bool:
@@ -143,6 +148,7 @@ class StreamingLayout:
     rest_nbytes: int
     pinned_limit: int | None = None
     notes: tuple[str, ...] = field(default=())
+    unit: str = "block"
 
     @property
     def resident_positions(self) -> tuple[int, ...]:
@@ -199,6 +205,7 @@ class StreamingLayout:
         return {
             "stacks": [list(s) for s in self.stacks],
             "num_blocks": len(self.blocks),
+            "unit": self.unit,
             "resident_positions": list(self.resident_positions),
             "streamed_positions": list(self.streamed_positions),
             "prefetch": self.prefetch,
@@ -327,16 +334,19 @@ def layout_from_blocks(
     storage: str | None = None,
     pinned_limit: int | None = None,
     alignment: int = ALIGNMENT,
+    unit: str = "block",
 ) -> StreamingLayout:
     """Assemble a layout from already packed blocks (cheap: the planner can try many ``resident``).
 
     ``packed`` holds ``(stack, index, entries, nbytes, original_nbytes, scratch_nbytes)`` per block in
-    execution order; ``resident`` is a count or explicit positions. A count is placed by
+    execution order (with ``unit="part"``, a seventh item: the part name, see :func:`packed_blocks`);
+    ``resident`` is a count or explicit positions (of units). A count is placed by
     :func:`choose_resident` with each block's stack, so the streamed bytes of each stack follow its
     compute (the planner and the engine both come here, so they agree on the memory).
     Streamed blocks are pinned greedily in execution order while the pinned total stays within
     ``pinned_limit``; the others stay pageable (and are noted).
     """
+    check_unit(unit)
     n = len(packed)
     if isinstance(resident, int) and not isinstance(resident, bool):
         resident_set = choose_resident(n, resident, [stack for stack, *_ in packed])
@@ -350,7 +360,7 @@ def layout_from_blocks(
     notes: list[str] = []
     pinned_total = 0
     blocks: list[BlockLayout] = []
-    for pos, (stack, index, entries, nbytes, original, scratch) in enumerate(packed):
+    for pos, (stack, index, entries, nbytes, original, scratch, *part) in enumerate(packed):
         is_resident = pos in resident_set
         pinned = False
         if not is_resident:
@@ -368,6 +378,7 @@ def layout_from_blocks(
                 original_nbytes=original,
                 scratch_nbytes=scratch,
                 pinned=pinned,
+                part=str(part[0]) if part else "",
             )
         )
     streamed = [b for b in blocks if not b.resident]
@@ -392,6 +403,7 @@ def layout_from_blocks(
         rest_nbytes=rest_nbytes,
         pinned_limit=pinned_limit,
         notes=tuple(notes),
+        unit=unit,
     )
 
 
@@ -400,13 +412,20 @@ def packed_blocks(
     storage: str | None = None,
     alignment: int = ALIGNMENT,
     stacks: list[tuple[str, nn.ModuleList]] | None = None,
-) -> tuple[tuple[tuple[str, int], ...], list[tuple[str, int, tuple[TensorEntry, ...], int, int, int]], int]:
+    unit: str = "block",
+) -> tuple[tuple[tuple[str, int], ...], list[tuple[Any, ...]], int]:
     """Pack every block of ``module`` (shapes only): ``(stacks, packed blocks, rest nbytes)``.
+
+    Each packed block is ``(stack, index, entries, nbytes, original_nbytes, scratch_nbytes)``. With
+    ``unit="part"`` the packed units are the blocks' parts in call order
+    (:func:`~vramkit.engine.blocks.streaming_units`), each with its part name as a seventh item
+    (``""`` for a block streamed whole); ``stacks`` still counts blocks.
 
     Raises :class:`UnsupportedPipelineError` when ``module`` has no known block stack, or when a tensor
     is shared between two blocks or between a block and the rest (streaming would overwrite it).
     """
     _check_storage(storage)
+    check_unit(unit)
     if alignment <= 0 or alignment & (alignment - 1):
         raise InvalidRequestError(f"alignment={alignment}: must be a power of two.")
     stacks = find_block_stacks(module) if stacks is None else stacks
@@ -417,8 +436,8 @@ def packed_blocks(
         )
     owner_of: dict[int, str] = {}
     packed = []
-    for stack, index, block in execution_order(stacks):
-        where = f"{stack}.{index}"
+    for stack, index, part, block in streaming_units(stacks, unit):
+        where = f"{stack}.{index}.{part}" if part else f"{stack}.{index}"
         for _, _, _, t in module_tensors(block):
             prev = owner_of.setdefault(id(t), where)
             if prev != where:
@@ -426,7 +445,11 @@ def packed_blocks(
                     f"a tensor is shared between {prev} and {where}; blocks with shared weights cannot be streamed."
                 )
         entries, nbytes, original, scratch = block_entries(block, storage, alignment)
-        packed.append((stack, index, entries, nbytes, original, scratch))
+        packed.append(
+            (stack, index, entries, nbytes, original, scratch, part)
+            if unit == "part"
+            else (stack, index, entries, nbytes, original, scratch)
+        )
     rest = 0
     seen: set[int] = set()
     for _, _, _, t in module_tensors(module):
@@ -446,10 +469,15 @@ def compute_layout(
     storage: str | None = None,
     pinned_limit: int | None = None,
     alignment: int = ALIGNMENT,
+    unit: str = "block",
 ) -> StreamingLayout:
-    """The :class:`StreamingLayout` of ``module`` (shapes and dtypes only; meta tensors work)."""
-    stacks, packed, rest = packed_blocks(module, storage, alignment)
-    return layout_from_blocks(stacks, packed, rest, resident, prefetch, storage, pinned_limit, alignment)
+    """The :class:`StreamingLayout` of ``module`` (shapes and dtypes only; meta tensors work).
+
+    ``unit="part"`` streams each block as its parts (:func:`~vramkit.engine.blocks.block_parts`):
+    the ring slots are as big as the largest part instead of the largest block, and ``resident``
+    counts (or lists positions of) parts."""
+    stacks, packed, rest = packed_blocks(module, storage, alignment, unit=unit)
+    return layout_from_blocks(stacks, packed, rest, resident, prefetch, storage, pinned_limit, alignment, unit)
 
 
 # --- packing and unpacking --------------------------------------------------------------------

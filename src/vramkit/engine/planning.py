@@ -17,6 +17,7 @@ def max_resident_for_budget(
     storage: str | None = None,
     pinned_limit: int | None = None,
     alignment: int = ALIGNMENT,
+    unit: str = "block",
 ) -> StreamingLayout:
     """The layout with the most resident blocks whose weights fit in ``budget`` bytes of GPU memory.
 
@@ -24,12 +25,13 @@ def max_resident_for_budget(
     and the decode scratch (:attr:`StreamingLayout.device_nbytes`); leave activations out of it.
     Every count is tried (the ring shrinks when the largest blocks become resident, so the memory
     is not monotonic in the count). Raises :class:`PlanInfeasibleError` (with ``minimum_vram``)
-    when not even zero resident blocks fit. Works on a meta-device model.
+    when not even zero resident blocks fit. Works on a meta-device model. ``unit="part"`` counts and
+    streams the blocks' parts instead (:func:`~vramkit.engine.layout.compute_layout`).
     """
-    stacks, packed, rest = packed_blocks(module, storage, alignment)
+    stacks, packed, rest = packed_blocks(module, storage, alignment, unit=unit)
     smallest: StreamingLayout | None = None
     for r in range(len(packed), -1, -1):
-        layout = layout_from_blocks(stacks, packed, rest, r, prefetch, storage, pinned_limit, alignment)
+        layout = layout_from_blocks(stacks, packed, rest, r, prefetch, storage, pinned_limit, alignment, unit)
         if layout.device_nbytes <= budget:
             return layout
         if smallest is None or layout.device_nbytes < smallest.device_nbytes:

@@ -48,7 +48,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..errors import InvalidRequestError, StrategyConflictError
-from .blocks import execution_order, find_block_stacks, module_tensors
+from .blocks import find_block_stacks, module_tensors, streaming_units
 from .copier import Copier, CudaStreamCopier, SyncCopier
 from .host import FileBlock, HostBuffer, OffloadFile, default_offload_folder
 from .kernels import RowDequantizer
@@ -208,7 +208,13 @@ class BlockStreamer:
         stacks = find_block_stacks(module)
         if tuple((n, len(s)) for n, s in stacks) != layout.stacks:
             raise InvalidRequestError(f"the layout was computed for stacks {layout.stacks}, not this module's")
-        self._blocks = [b for _, _, b in execution_order(stacks)]
+        units = streaming_units(stacks, layout.unit)
+        if [(s, i, p) for s, i, p, _ in units] != [(b.stack, b.index, b.part) for b in layout.blocks]:
+            raise InvalidRequestError(
+                f"the layout's {layout.unit} units are not this module's (was it computed for another model?)"
+            )
+        # The streaming units (whole blocks, or with unit="part" the blocks' parts) by position.
+        self._blocks = [m for _, _, _, m in units]
         self._block_ids = {id(b) for b in self._blocks}
         self._tensors: dict[int, dict[str, tuple[str, _Owners]]] = {}
         self._orig_devices: dict[int, dict[str, torch.device]] = {}
@@ -275,11 +281,12 @@ class BlockStreamer:
         self.active = True
         lay = self.layout
         logger.info(
-            "BlockStreaming on %s: %d resident / %d streamed blocks, %d slots of %.1f MB, "
+            "BlockStreaming on %s: %d resident / %d streamed %ss, %d slots of %.1f MB, "
             "%.2f GB streamed per forward (%.2f GB pinned, %.2f GB pageable, %.2f GB from disk), device %s",
             type(self.module).__name__,
             len(lay.resident_positions),
             len(lay.streamed_positions),
+            lay.unit,
             lay.num_slots,
             lay.slot_nbytes / 1e6,
             lay.streamed_nbytes / 1e9,
@@ -826,14 +833,16 @@ def enable_block_streaming(
     offload_folder: str | Path | None = None,
     source: TensorSource | None = None,
     park_after_forward: bool = False,
+    unit: str = "block",
 ) -> BlockStreamer:
     """Stream ``module``'s repeated blocks onto ``device``; returns the started :class:`BlockStreamer`
     (call its ``restore()`` to undo). ``resident`` is a count (placed by
     :func:`~vramkit.engine.blocks.choose_resident`: streamed bytes per stack follow its compute, spread
     evenly within each stack) or explicit positions in execution order; ``host="disk"`` keeps the
-    streamed blocks in a memory-mapped file in ``offload_folder``; see
+    streamed blocks in a memory-mapped file in ``offload_folder``; ``unit="part"`` streams each
+    block as its parts (smaller ring slots; ``resident`` then counts parts); see
     :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
-    layout = compute_layout(module, resident, prefetch, storage, pinned_limit, alignment)
+    layout = compute_layout(module, resident, prefetch, storage, pinned_limit, alignment, unit)
     return BlockStreamer(
         module,
         layout,

@@ -36,6 +36,7 @@ def apply_compile(pipe: Any, config: Compile, component: str | None) -> Undo | N
             f"Compile(mode={config.mode!r}) on {component}: CUDA graphs replay fixed weight addresses, but "
             f"{placed_by} moves this component's weights. Use mode='max-autotune-no-cudagraphs' (or None)."
         )
+    _refuse_part_streaming(module, component)
     blocks = repeated_blocks(module)
     if not blocks:
         raise InvalidRequestError(f"Compile: {component} ({type(module).__name__}) has no repeated blocks to compile.")
@@ -55,6 +56,21 @@ def apply_compile(pipe: Any, config: Compile, component: str | None) -> Undo | N
             restore()
 
     return undo
+
+
+def _refuse_part_streaming(module: torch.nn.Module, component: str | None) -> None:
+    """Streaming by parts hooks the children of each block, not the block: compiling the block's
+    forward would trace those hooks' Python (slot bookkeeping, per-part guards) into the graph and
+    recompile for every part. Refused rather than silently slow."""
+    from ..engine.streamer import streamer_of
+
+    for sub in module.modules():
+        streamer = streamer_of(sub)
+        if streamer is not None and streamer.layout.unit == "part":
+            raise StrategyConflictError(
+                f"Compile on {component}: its blocks are streamed by parts (BlockStreaming(unit='part')), "
+                "and a compiled block would trace the part hooks. Use unit='block' with Compile."
+            )
 
 
 def _compile_block(block: torch.nn.Module, kwargs: dict[str, Any], shared: dict[type, Any]) -> Any:
