@@ -34,7 +34,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import RssSampler  # noqa: E402
+from bench_pipeline import RssSampler, build  # noqa: E402
 
 GIB = 1024**3
 CONFIGS = {
@@ -45,20 +45,6 @@ CONFIGS = {
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def build(tiny: bool) -> Any:
-    if tiny:
-        from vramkit.testing import tiny_pipeline
-
-        return tiny_pipeline("flux")
-    from vramkit.testing.full_size import full_size_flux_pipeline
-
-    torch.manual_seed(0)
-    pipe = full_size_flux_pipeline("flux-dev", device="cuda:0", dtype=torch.bfloat16)
-    pipe.to("cpu")
-    torch.cuda.empty_cache()
-    return pipe
 
 
 def devices_of(config: str) -> list[str]:
