@@ -246,6 +246,7 @@ def main() -> int:
         ("streaming_1024_balanced_h200.json", streaming),
         ("pipeline_1024_8gib_h200.json", pipeline),
         ("pipeline_1024_12gib_h200.json", pipeline),
+        ("pipeline_1024_8gib_h100.json", pipeline),
         ("pipeline_1024_8gib_compile_h200.json", pipeline),
         ("pipeline_512_8gib_partial_h200.json", pipeline),
         ("pipeline_1024_h200.json", pipeline),
