@@ -157,7 +157,9 @@ def streamed_bytes(plan: Any) -> int:
     from vramkit.memory.architectures import build_architecture
 
     model = build_architecture("flux-dev", device="meta", dtype=torch.bfloat16)
-    layout = compute_layout(model, step.strategy.resident, step.strategy.prefetch, step.strategy.storage)
+    strategy = step.strategy
+    layout = compute_layout(model, strategy.resident, strategy.prefetch, strategy.storage,
+                            unit=getattr(strategy, "unit", "block"))
     return int(layout.streamed_nbytes)
 
 

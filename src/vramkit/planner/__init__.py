@@ -288,7 +288,7 @@ def plan_for(
             f"probe_or_budget must be a DeviceProbe or a Budget, got {type(probe_or_budget).__name__}."
         )
     record = _request_record(spec, req, budget, quality)
-    plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+    plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes, parts=not compile)
     return _finish(plan, quality, compile, spec)
 
 
@@ -451,7 +451,7 @@ def plan_pipeline(
             disk_bandwidth=disk_bandwidth,
         )
         record = _request_record(spec, req, budget, quality)
-        plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+        plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes, parts=not compile)
         return _finish(plan, quality, compile, spec)
     if not found.is_gpu and vram is None:
         return _finish(_no_gpu_plan(spec, req, quality, found), quality, compile, spec)
@@ -467,7 +467,7 @@ def plan_pipeline(
     if ram is None:
         notes.append(f"the pipeline holds {format_bytes(_bytes_on(modules, 'cpu'))} in host RAM now")
     record = _request_record(spec, req, budget, quality)
-    plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes)
+    plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes, parts=not compile)
     return _finish(plan, quality, compile, spec)
 
 

@@ -267,6 +267,7 @@ def _split_options(
     main: str,
     aux_name: str,
     main_results: dict[tuple[str, bool], SearchResult],
+    parts: bool = True,
 ) -> list[_Option]:
     vrams = dict(budget.devices)
     has_vae = spec.get("vae") is not None
@@ -275,14 +276,14 @@ def _split_options(
         key = (main, vae_on_aux)
         if key not in main_results:
             keep = {n: c for n, c in spec.components.items() if n not in _TEXT and not (vae_on_aux and n == "vae")}
-            mctx = _Ctx(replace(spec, components=keep), req, _one(budget, vrams[main]), quality, cal, streaming)
+            mctx = _Ctx(replace(spec, components=keep), req, _one(budget, vrams[main]), quality, cal, streaming, parts)
             # The transformer's device holds it resident or streams it; offloading it whole every
             # call would throw away what the second device bought. 16-bit storage of an fp32
             # transformer would leave fp32 text encoders on the other device: not considered.
             fams = [f for f in _families(mctx) if f.place in ("resident", "stream") and f.fmt != "bf16"]
             main_results[key] = _run(mctx, fams)
         res = main_results[key]
-        actx = _Ctx(spec, req, _one(budget, vrams[aux_name]), quality, cal, streaming)
+        actx = _Ctx(spec, req, _one(budget, vrams[aux_name]), quality, cal, streaming, parts)
         for cand in res.by_family.values():
             for aux in _aux_options(actx, vae_on_aux, budget.pinned - cand.pinned):
                 opt = _split(res.ctx, res, cand, actx, aux, main, aux_name, budget.ram)
@@ -408,14 +409,16 @@ def search_devices(
     streaming: bool,
     record: dict[str, Any],
     notes: list[str],
+    parts: bool = True,
 ) -> Plan:
-    """The fastest plan over ``budget.devices`` (see the module docstring)."""
+    """The fastest plan over ``budget.devices`` (see the module docstring); ``parts``: whether
+    streaming by parts may be planned."""
     options: list[_Option] = []
     one_best: dict[str, _Option] = {}
     evaluated = 0
     minimum: int | None = None
     for name, vram in budget.devices:
-        res = _run(_Ctx(spec, req, _one(budget, vram), quality, cal, streaming))
+        res = _run(_Ctx(spec, req, _one(budget, vram), quality, cal, streaming, parts))
         evaluated += res.evaluated
         if res.minimum_vram is not None and (minimum is None or res.minimum_vram < minimum):
             minimum = res.minimum_vram
@@ -429,7 +432,9 @@ def search_devices(
     for main in names:
         for aux_name in names:
             if aux_name != main:
-                options += _split_options(spec, req, budget, quality, cal, streaming, main, aux_name, main_results)
+                options += _split_options(
+                    spec, req, budget, quality, cal, streaming, main, aux_name, main_results, parts
+                )
     evaluated += sum(r.evaluated for r in main_results.values())
     fitting = [o for o in options if o.fits]
     budgets = ", ".join(f"{n} {format_bytes(v)}" for n, v in budget.devices)

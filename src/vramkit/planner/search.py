@@ -48,6 +48,8 @@ _TILES = (1024, 768, 512, 256)
 _CHUNKS = (4096, 2048, 1024, 512, 256)
 _STORAGE_OF = {"loaded": None, "bf16": "bf16", "fp8": "fp8", "int8": "int8"}
 _PREFETCH = 1
+#: Resident counts tried first for a family streamed by parts (then every count near the best).
+_PART_STRIDE = 4
 
 
 def _gb(n: float) -> str:
@@ -62,6 +64,7 @@ class Family:
     place: str  # resident, stream, offload, sequential
     te: str  # text encoders: resident, cache, stream, stream_disk, none, sequential
     host: str = "ram"  # where streamed transformer/ControlNet blocks live: ram, disk (offload file)
+    unit: str = "block"  # what streams as one piece: whole blocks, or each block's parts
 
     def describe(self) -> str:
         if self.place == "sequential":
@@ -70,6 +73,8 @@ class Family:
         place = {"resident": "resident", "stream": "block-streamed", "offload": "model-offloaded"}[self.place]
         if self.place == "stream" and self.host == "disk":
             place = "block-streamed from disk"
+        if self.place == "stream" and self.unit == "part":
+            place += " by parts"
         te = {
             "resident": "text encoders resident",
             "cache": "text encoders released after encoding (PromptCache)",
@@ -137,12 +142,16 @@ class Candidate:
     def describe(self, ctx: _Ctx) -> str:
         text = self.family.describe()
         if self.family.place == "stream":
-            n_t = ctx.n_blocks("transformer", self.family.fmt)
-            counts = f"{self.r_t}/{n_t} blocks resident"
+            fam = self.family
+            what = "parts" if fam.unit == "part" else "blocks"
+            n_t = ctx.n_blocks("transformer", fam.fmt, fam.unit)
+            counts = f"{self.r_t}/{n_t} {what} resident"
             if ctx.cn is not None:
-                counts += f", ControlNet {self.r_c}/{ctx.n_blocks('controlnet', self.family.fmt)}"
-            streamed = "block-streamed from disk," if self.family.host == "disk" else "block-streamed,"
-            text = text.replace(streamed, f"{streamed[:-1]} ({counts}),", 1)
+                counts += f", ControlNet {self.r_c}/{ctx.n_blocks('controlnet', fam.fmt, fam.unit)}"
+            streamed = "block-streamed from disk" if fam.host == "disk" else "block-streamed"
+            if fam.unit == "part":
+                streamed += " by parts"
+            text = text.replace(streamed + ",", f"{streamed} ({counts}),", 1)
         if self.vae is not None and self.vae.tile:
             text += f", VAE tiles {self.vae.tile}px"
         if self.vae is not None and self.vae.slicing:
@@ -156,10 +165,20 @@ class _Ctx:
     """Everything fixed for one search: the request, budget, constants and precomputed sizes."""
 
     def __init__(
-        self, spec: PipelineSpec, req: Request, budget: Budget, quality: str, cal: Calibration, streaming: bool
+        self,
+        spec: PipelineSpec,
+        req: Request,
+        budget: Budget,
+        quality: str,
+        cal: Calibration,
+        streaming: bool,
+        parts: bool = True,
     ) -> None:
         self.spec, self.req, self.budget, self.quality, self.cal = spec, req, budget, quality, cal
         self.streaming = streaming
+        # Whether streaming by parts may be planned (not with Compile: the compiled block forward
+        # would trace the part hooks).
+        self.parts = parts
         t = spec.get("transformer")
         if t is None:
             raise InvalidRequestError("the pipeline has no transformer to plan for.")
@@ -179,7 +198,7 @@ class _Ctx:
         self.ref_tokens = ref
         self.tokens = self.img_tokens + self.text_tokens + ref
         self.materialized = budget.device.split(":")[0] in ("mps", "cpu") or cal.cuda_attention_materializes_scores
-        self._geo: dict[tuple[str, str | None, int], _Geo] = {}
+        self._geo: dict[tuple[str, str | None, int, str], _Geo] = {}
         # Bytes per component and format.
         self.W: dict[tuple[str, str], int] = {}
         self.pageable = cal.pageable_bandwidth
@@ -203,25 +222,38 @@ class _Ctx:
             self.streaming and comp is not None and comp.stream is not None and _STORAGE_OF[fmt] in comp.stream.packed
         )
 
-    def n_blocks(self, name: str, fmt: str) -> int:
+    def can_stream_parts(self, comp: ComponentSpec | None, fmt: str) -> bool:
+        return (
+            self.parts
+            and self.can_stream(comp, fmt)
+            and comp is not None
+            and comp.stream is not None
+            and "part" in comp.stream.units(_STORAGE_OF[fmt])
+        )
+
+    def n_blocks(self, name: str, fmt: str, unit: str = "block") -> int:
+        """Streaming units of component ``name``: its blocks, or with ``unit="part"`` its parts."""
         comp = self.spec.get(name)
         if comp is None:
             return 0
-        if comp.stream is not None and _STORAGE_OF.get(fmt) in comp.stream.packed:
-            return len(comp.stream.packed[_STORAGE_OF[fmt]][1])
+        storage = _STORAGE_OF.get(fmt)
+        if comp.stream is not None and storage in comp.stream.packed:
+            table = comp.stream.parts if unit == "part" and storage in comp.stream.parts else comp.stream.packed
+            return len(table[storage][1])
         return comp.sizes.num_blocks
 
-    def geo(self, comp: ComponentSpec, fmt: str, resident: int) -> _Geo:
+    def geo(self, comp: ComponentSpec, fmt: str, resident: int, unit: str = "block") -> _Geo:
         storage = _STORAGE_OF[fmt]
-        key = (comp.name, storage, resident)
+        key = (comp.name, storage, resident, unit)
         found = self._geo.get(key)
         if found is not None:
             return found
         from ..engine.layout import layout_from_blocks
 
         assert comp.stream is not None
-        stacks, packed, rest = comp.stream.packed[storage]
-        lay = layout_from_blocks(stacks, packed, rest, resident, _PREFETCH, storage, None)
+        table = comp.stream.parts if unit == "part" else comp.stream.packed
+        stacks, packed, rest = table[storage]
+        lay = layout_from_blocks(stacks, packed, rest, resident, _PREFETCH, storage, None, unit=unit)
         g = _Geo(
             device=lay.device_nbytes,
             streamed=lay.streamed_nbytes,
@@ -374,6 +406,16 @@ def _families(ctx: _Ctx) -> list[Family]:
             for host in ("ram", "disk") if place == "stream" else ("ram",):
                 for te in tes:
                     fams.append(Family(fmt, place, te, host))
+                    # By parts, the ring slots hold the largest part instead of the largest block:
+                    # memory that can keep more of the model resident (from RAM only: from disk the
+                    # copies, not the residency, set the step time).
+                    if (
+                        place == "stream"
+                        and host == "ram"
+                        and ctx.can_stream_parts(ctx.t, fmt)
+                        and (ctx.cn is None or ctx.can_stream_parts(ctx.cn, fmt))
+                    ):
+                        fams.append(Family(fmt, place, te, host, unit="part"))
     fams.append(Family("loaded", "sequential", "sequential"))
     return fams
 
@@ -384,15 +426,21 @@ def _int8_backend_available() -> bool:
     return importlib.util.find_spec("torchao") is not None
 
 
-def _resident_counts(ctx: _Ctx, fam: Family) -> list[tuple[int, int]]:
-    """``(transformer, controlnet)`` resident block counts to try for a streamed family."""
+def _resident_counts(ctx: _Ctx, fam: Family, stride: int = 1, around: int | None = None) -> list[tuple[int, int]]:
+    """``(transformer, controlnet)`` resident unit counts to try for a streamed family: every
+    ``stride``-th total (always including 0 and the top), or with ``around`` the totals within
+    ``stride`` of it."""
     if fam.place != "stream":
         return [(0, 0)]
-    n_t = ctx.n_blocks("transformer", fam.fmt)
-    n_c = ctx.n_blocks("controlnet", fam.fmt) if ctx.cn is not None else 0
+    n_t = ctx.n_blocks("transformer", fam.fmt, fam.unit)
+    n_c = ctx.n_blocks("controlnet", fam.fmt, fam.unit) if ctx.cn is not None else 0
     top = n_t + n_c if fam.fmt in ("fp8", "int8", "bf16") else n_t + n_c - 1
+    if around is None:
+        totals = sorted(set(range(0, top + 1, stride)) | {top})
+    else:
+        totals = [t for t in range(around - stride + 1, around + stride) if 0 <= t <= top]
     out = []
-    for total in range(0, top + 1):
+    for total in totals:
         r_c = min(total, n_c)
         out.append((total - r_c, r_c))
     return out
@@ -442,6 +490,7 @@ def _evaluate(
     cn_tokens = ctx.img_tokens + ctx.text_tokens
 
     if fam.place == "sequential":
+
         def leaf(*comps: ComponentSpec | None) -> int:
             return max((c.sizes.largest_leaf_bytes for c in comps if c is not None), default=0)
 
@@ -481,7 +530,7 @@ def _evaluate(
             decoded = 0
             persist += w_vae
             for key, comp, r in parts:
-                g = ctx.geo(comp, fmt, r)
+                g = ctx.geo(comp, fmt, r, fam.unit)
                 persist += g.device
                 # A multi-ControlNet's blocks run (and stream) once per control.
                 passes = ctx.spec.controls if key == "c" else 1
@@ -727,18 +776,26 @@ def _run(ctx: _Ctx, families: list[Family] | None = None) -> SearchResult:
     for fam in _families(ctx) if families is None else families:
         fam_best: Candidate | None = None
         fam_closest: Candidate | None = None
-        for r_t, r_c in _resident_counts(ctx, fam):
-            cand = _evaluate(ctx, fam, r_t, r_c, vae_opts, chunks)
-            evaluated += 1
-            if cand.ram <= budget.ram and (minimum_vram is None or cand.min_peak_vram < minimum_vram):
-                minimum_vram = cand.min_peak_vram
-            if cand.min_peak_vram <= budget.vram and (minimum_ram is None or cand.ram < minimum_ram):
-                minimum_ram = cand.ram
-            if cand.fits:
-                if fam_best is None or cand.key() < fam_best.key():
-                    fam_best = cand
-            elif fam_closest is None or _overage(cand, budget) < _overage(fam_closest, budget):
-                fam_closest = cand
+        # Parts are many (FLUX.1-dev: 247 for 57 blocks): every _PART_STRIDE-th count first, then
+        # every count next to the best one that fits.
+        stride = _PART_STRIDE if fam.unit == "part" else 1
+        passes = [_resident_counts(ctx, fam, stride)]
+        while passes:
+            for r_t, r_c in passes.pop():
+                cand = _evaluate(ctx, fam, r_t, r_c, vae_opts, chunks)
+                evaluated += 1
+                if cand.ram <= budget.ram and (minimum_vram is None or cand.min_peak_vram < minimum_vram):
+                    minimum_vram = cand.min_peak_vram
+                if cand.min_peak_vram <= budget.vram and (minimum_ram is None or cand.ram < minimum_ram):
+                    minimum_ram = cand.ram
+                if cand.fits:
+                    if fam_best is None or cand.key() < fam_best.key():
+                        fam_best = cand
+                elif fam_closest is None or _overage(cand, budget) < _overage(fam_closest, budget):
+                    fam_closest = cand
+            if stride > 1 and fam_best is not None:
+                passes.append(_resident_counts(ctx, fam, stride, around=fam_best.r_t + fam_best.r_c))
+                stride = 1
         chosen = fam_best or fam_closest
         if chosen is not None:
             by_family[fam] = chosen
@@ -873,15 +930,24 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                 n = g.n_streamed + g.n_resident
                 on_disk = fam.host == "disk"
                 limit = pin if (pin < g.streamed and not on_disk) else None
+                what = "blocks"
+                if fam.unit == "part":
+                    what = f"parts (of {ctx.n_blocks(name, fam.fmt)} blocks)"
                 text = (
-                    f"{name} is {_gb(ctx.w(ctx.spec.get(name)))} as loaded; {r} of {n} blocks "
+                    f"{name} is {_gb(ctx.w(ctx.spec.get(name)))} as loaded; {r} of {n} {what} "
                     f"({_gb(g.resident_bytes)}) stay on the GPU and {g.n_streamed} stream from "
                     f"{'disk' if on_disk else 'host RAM'} through {g.slots} slots of {_gb(g.slot_bytes)}"
                 )
+                if fam.unit == "part":
+                    block_slot = ctx.geo(ctx.spec.get(name), fam.fmt, 0).slot_bytes  # type: ignore[arg-type]
+                    text += (
+                        f" (streamed by parts: a slot holds the largest part, not the largest block's "
+                        f"{_gb(block_slot)}, and the memory saved keeps more of the model resident)"
+                    )
                 if storage in ("fp8", "int8"):
                     text += (
                         f", stored {storage} with per-row scales ({_gb(g.streamed)} to copy per step instead of "
-                        f"{_gb(_raw_streamed(ctx, name, r))}; changes numerics)"
+                        f"{_gb(_raw_streamed(ctx, name, r, fam.unit))}; changes numerics)"
                     )
                 elif storage is not None:
                     text += f", stored {storage} (changes numerics)"
@@ -901,14 +967,16 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                         f"only the page cache of the blocks in flight (~{_gb(ws)}, reclaimable). Per step: read "
                         f"and copy {_gb(g.streamed)} at the disk rate {ctx.disk_bw / 1e9:.1f} GB/s ({ctx.disk_source})"
                         f" = {disk_s:.3f} s, not overlapped with the {compute_s:.3f} s of compute"
-                        f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident blocks do not fit."
+                        f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident {fam.unit}s"
+                        " do not fit."
                     )
                 else:
                     text += (
                         f". Per step: copy {_gb(info['stream_bytes'])} at {bw} = {copy_s:.3f} s overlapped with "
                         f"{compute_s:.3f} s of compute"
                         + (f" (incl. {info['decode_s']:.3f} s decoding {storage})" if info["decode_s"] else "")
-                        + f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident blocks do not fit."
+                        + f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident {fam.unit}s"
+                        + " do not fit."
                     )
                 if lossless_alt:
                     text += " " + lossless_alt
@@ -930,6 +998,7 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                             pinned_limit=limit,
                             host=fam.host,
                             park_during_decode=bool(info.get("park")),
+                            unit=fam.unit,
                         ),
                         name,
                         text,
@@ -1081,10 +1150,10 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
     return out
 
 
-def _raw_streamed(ctx: _Ctx, name: str, r: int) -> int:
+def _raw_streamed(ctx: _Ctx, name: str, r: int, unit: str = "block") -> int:
     comp = ctx.spec.get(name)
     assert comp is not None
-    return ctx.geo(comp, "loaded", r).streamed if ctx.can_stream(comp, "loaded") else 0
+    return ctx.geo(comp, "loaded", r, unit).streamed if ctx.can_stream(comp, "loaded") else 0
 
 
 def _lossless_comparison(res: SearchResult, cand: Candidate) -> str:
@@ -1141,9 +1210,11 @@ def search(
     *,
     request_record: dict[str, Any] | None = None,
     notes: list[str] | None = None,
+    parts: bool = True,
 ) -> Plan:
     """Plan ``req`` for ``spec`` within ``budget`` (see the module docstring). Raises
-    :class:`~vramkit.errors.PlanInfeasibleError` with the smallest budget that plans."""
+    :class:`~vramkit.errors.PlanInfeasibleError` with the smallest budget that plans. ``parts=False``
+    keeps streamed components to whole blocks (for a plan that will be compiled)."""
     if quality not in QUALITIES:
         raise InvalidRequestError(f"quality={quality!r}: use one of {QUALITIES}.")
     cal = calibration if calibration is not None else Calibration.load()
@@ -1151,8 +1222,10 @@ def search(
     if budget.devices:
         from .devices import search_devices
 
-        return search_devices(spec, req, budget, quality, cal, streaming, dict(request_record or {}), list(notes or []))
-    ctx = _Ctx(spec, req, budget, quality, cal, streaming)
+        return search_devices(
+            spec, req, budget, quality, cal, streaming, dict(request_record or {}), list(notes or []), parts
+        )
+    ctx = _Ctx(spec, req, budget, quality, cal, streaming, parts)
     res = _run(ctx)
     best = res.best
     record = dict(request_record or {})

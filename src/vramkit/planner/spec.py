@@ -43,9 +43,16 @@ class StreamGeometry:
     """The block streaming engine's packed blocks of one component, per storage (shapes only)."""
 
     packed: Mapping[str | None, tuple[Any, Any, int]]
+    #: The same packed as parts (``BlockStreaming(unit="part")``), per storage; empty when no block
+    #: of the component splits into parts (T5's blocks, unknown block classes).
+    parts: Mapping[str | None, tuple[Any, Any, int]] = field(default_factory=dict)
 
     def storages(self) -> tuple[str | None, ...]:
         return tuple(self.packed)
+
+    def units(self, storage: str | None) -> tuple[str, ...]:
+        """The streaming units the engine can use for ``storage``: ``("block",)`` or ``("block", "part")``."""
+        return ("block", "part") if storage in self.parts else ("block",)
 
 
 @dataclass(frozen=True)
@@ -185,6 +192,8 @@ def _stream_geometry(module: torch.nn.Module) -> StreamGeometry | None:
         return None
     floating = {p.dtype for p in module.parameters() if p.is_floating_point()}
     packed: dict[str | None, tuple[Any, Any, int]] = {}
+    parts: dict[str | None, tuple[Any, Any, int]] = {}
+    splits = _splits_into_parts(stacks)
     for storage in STREAM_STORAGES:
         if storage == "bf16" and not (floating - {torch.bfloat16, torch.float16}):
             continue  # 16-bit storage of a 16-bit model is the same as storage=None
@@ -192,7 +201,24 @@ def _stream_geometry(module: torch.nn.Module) -> StreamGeometry | None:
             packed[storage] = packed_blocks(module, storage, stacks=stacks)
         except (VramkitError, RuntimeError, ValueError, TypeError) as exc:  # e.g. weights shared across blocks
             logger.debug("cannot stream %s with storage %s: %s", type(module).__name__, storage, exc)
-    return StreamGeometry(packed=packed) if packed else None
+            continue
+        if splits:
+            try:
+                parts[storage] = packed_blocks(module, storage, stacks=stacks, unit="part")
+            except (VramkitError, RuntimeError, ValueError, TypeError) as exc:  # e.g. a modified block
+                logger.debug("cannot stream %s by parts with storage %s: %s", type(module).__name__, storage, exc)
+    return StreamGeometry(packed=packed, parts=parts) if packed else None
+
+
+def _splits_into_parts(stacks: list[tuple[str, torch.nn.Module]]) -> bool:
+    """Whether streaming by parts differs from streaming by blocks: some block splits."""
+    from ..engine.blocks import block_parts
+
+    try:
+        return any(block_parts(block) for _, stack in stacks for block in stack)
+    except VramkitError as exc:  # a listed block class holding tensors outside its listed parts
+        logger.debug("blocks cannot be streamed by parts: %s", exc)
+        return False
 
 
 _STREAMABLE = ("transformer", "controlnet", "text_encoder_2")
