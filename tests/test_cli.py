@@ -128,6 +128,7 @@ def test_probe(capsys):
     code, out, _ = _run(capsys, "probe", "--json", "--no-measure")
     data = json.loads(out)
     assert {"device", "total_vram", "free_vram", "ram_available", "pinned_limit", "h2d_bandwidth"} <= set(data)
+    assert data["offload_free"] is None or data["offload_free"] >= 0
 
 
 def test_subcommands_are_a_table():

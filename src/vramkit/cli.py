@@ -258,6 +258,8 @@ def _run_probe(args: argparse.Namespace) -> int:
         ("pinned limit", format_bytes(found.pinned_limit)),
         ("h2d bandwidth", f"{found.h2d_bandwidth / 1e9:.1f} GB/s ({found.bandwidth_source})"),
     ]
+    if found.offload_free is not None:
+        rows.append(("offload free", format_bytes(found.offload_free)))
     for label, value in rows:
         print(f"{label:<14} {value}")
     for note in found.notes:

@@ -266,8 +266,9 @@ def load(
       the CPU (blocks from disk into CPU slots); without a GPU and without ``vram`` the plan is empty
       and the pipeline is simply loaded onto the CPU.
     - ``torch_dtype``: convert floating weights as they are read (default: as stored).
-    - ``offload_folder``: where disk-streamed blocks are written (default ``$VRAMKIT_OFFLOAD_DIR``,
-      else ``offload/`` in vramkit's cache directory; a fast local SSD, not a tmpfs).
+    - ``offload_folder``: where disk-streamed blocks (and the originals of fp8/int8 weights the plan
+      keeps on disk) are written (default ``$VRAMKIT_OFFLOAD_DIR``, else ``offload/`` in vramkit's
+      cache directory; a fast local SSD, not a tmpfs).
     - ``strategies``: apply exactly these instead of planning (as :func:`vramkit.optimize`).
 
     Returns the pipeline with the plan applied (``pipe.vramkit_plan``). :func:`vramkit.restore`
@@ -355,7 +356,8 @@ def _choose_plan(
             changes: dict[str, Any] = {}
             if device is not None and strategy.device is None:
                 changes["device"] = device
-            if offload_folder is not None and strategy.host == "disk" and strategy.offload_folder is None:
+            writes = strategy.host == "disk" or strategy.originals == "disk"
+            if offload_folder is not None and writes and strategy.offload_folder is None:
                 changes["offload_folder"] = os.fspath(offload_folder)
             if changes:
                 strategy = dataclasses.replace(strategy, **changes)

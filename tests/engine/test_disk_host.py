@@ -99,10 +99,11 @@ def test_lossy_storage_keeps_its_originals_in_the_file_and_restores_exactly(tmp_
     )
     path = s.summary()["offload_file"]
     # Both the streamed and the resident encoded blocks keep their originals in the file, not in RAM.
-    assert len(s._retained) == len(s.layout.blocks)
-    for kept in s._retained.values():
-        for t in kept.values():
-            assert _file_backed(t, path)
+    assert s.originals == "disk" and not s._retained
+    assert len(s._retained_at) == len(s.layout.blocks)
+    for pos, kept in s._retained_at.items():
+        for name in kept:
+            assert _file_backed(s._original(pos, name), path)
     _run(model, flux_inputs(torch.bfloat16))
     s.restore()
     assert_same_as(model, snap)

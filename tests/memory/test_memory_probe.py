@@ -70,3 +70,46 @@ def test_xdg_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("VRAMKIT_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache_dir() == tmp_path / "vramkit"
+
+
+def test_offload_free_is_read_at_the_nearest_existing_folder(tmp_path, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    seen = []
+
+    def disk_usage(path):
+        seen.append(path)
+        return usage(100, 40, 60)
+
+    monkeypatch.setattr(probe_mod.shutil, "disk_usage", disk_usage)
+    monkeypatch.setenv("VRAMKIT_OFFLOAD_DIR", str(tmp_path / "not" / "yet"))
+    assert probe_mod.default_offload_folder() == tmp_path / "not" / "yet"
+    assert probe_mod.offload_free_bytes() == 60
+    assert seen == [tmp_path]  # the folder is only created when something is written
+    assert not (tmp_path / "not").exists()
+    assert probe_mod.offload_free_bytes(tmp_path / "x") == 60 and seen[-1] == tmp_path
+
+
+def test_offload_free_unreadable_is_unknown(tmp_path, monkeypatch):
+    def disk_usage(path):
+        raise PermissionError("no")
+
+    monkeypatch.setattr(probe_mod.shutil, "disk_usage", disk_usage)
+    assert probe_mod.offload_free_bytes(tmp_path) is None
+
+
+def test_probe_reports_the_offload_folder_free_space(tmp_path, monkeypatch):
+    import shutil
+
+    from vramkit.engine import host
+
+    monkeypatch.setenv("VRAMKIT_OFFLOAD_DIR", str(tmp_path / "offload"))
+    found = probe(measure_bandwidth=False)
+    assert isinstance(found.offload_free, int) and found.offload_free > 0
+    # The same disk: within what other processes may write meanwhile.
+    assert abs(found.offload_free - shutil.disk_usage(tmp_path).free) < 1 << 30
+    assert found.to_dict()["offload_free"] == found.offload_free
+    # The engine writes where the probe looks.
+    assert host.default_offload_folder is probe_mod.default_offload_folder
+    assert host.default_offload_folder() == tmp_path / "offload"

@@ -19,6 +19,7 @@ from typing import BinaryIO
 import torch
 
 from ..errors import InvalidRequestError
+from ..memory.probe import default_offload_folder
 
 __all__ = ["HostBuffer", "OffloadFile", "FileBlock", "PIN_METHODS", "default_offload_folder", "OFFLOAD_SUFFIX"]
 
@@ -107,18 +108,6 @@ class HostBuffer:
 
 #: Suffix of the offload files vramkit writes (so a stray one is easy to recognise and delete).
 OFFLOAD_SUFFIX = ".vramkit-offload"
-
-
-def default_offload_folder() -> Path:
-    """Where streamed blocks go when ``host="disk"`` and no folder is given: ``$VRAMKIT_OFFLOAD_DIR``,
-    else ``offload/`` in vramkit's cache directory. Not the system temp directory: ``/tmp`` is often a
-    tmpfs, i.e. RAM, which would defeat the purpose."""
-    override = os.environ.get("VRAMKIT_OFFLOAD_DIR")
-    if override:
-        return Path(override)
-    from ..memory.probe import cache_dir
-
-    return cache_dir() / "offload"
 
 
 class FileBlock:

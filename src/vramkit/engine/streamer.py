@@ -20,10 +20,13 @@ a GPU, or a synchronous/checking copier on CPU, so the whole mechanism (hooks, r
 decoding) runs in CPU tests with bit-identical results.
 
 :meth:`BlockStreamer.restore` puts every parameter back as an ordinary tensor on its original device,
-with its original values (the original values of encoded tensors are kept in host memory for
-this, or in the offload file with ``host="disk"``), removes the hooks, frees the slots and pinned
-buffers and deletes the offload file. Parameters keep their identity
-throughout (only ``.data`` changes), so references held elsewhere stay valid.
+with its original values, removes the hooks, frees the slots and pinned buffers and deletes the
+offload file. Parameters keep their identity throughout (only ``.data`` changes), so references
+held elsewhere stay valid. The original values of encoded (fp8/int8/cast) tensors are kept for this
+in host RAM (``originals="ram"``), or written block by block to an offload file in the offload
+folder (``originals="disk"``, always so with ``host="disk"``), each block's originals freed as soon
+as they are written: host RAM then holds the packed copy only, not the packed copy plus the
+originals (for FLUX.1-dev in fp8, 11.9 GB instead of 11.9 + 23.8 GB).
 
 While streaming, a streamed block's parameters are views into whichever slot it last ran from:
 reading them outside the block's forward (``state_dict()``, LoRA loading, ``.to()``) gives another
@@ -72,6 +75,7 @@ __all__ = [
     "HOOK_STREAM",
     "HOOK_DECODE",
     "HOSTS",
+    "ORIGINALS",
     "TensorSource",
     "streamer_of",
 ]
@@ -86,6 +90,9 @@ _ATTR = "_vramkit_streamer"
 #: Where streamed blocks live on the host: ``"ram"`` (pinned or pageable anonymous memory) or
 #: ``"disk"`` (a memory-mapped file in an offload folder).
 HOSTS = ("ram", "disk")
+#: Where the original values of encoded tensors are kept for an exact restore: ``"ram"`` (host
+#: memory) or ``"disk"`` (the offload file; implied by ``host="disk"``).
+ORIGINALS = ("ram", "disk")
 
 _Owners = list[tuple[nn.Module, str, str]]
 
@@ -170,7 +177,9 @@ class BlockStreamer:
 
     Build it with :func:`enable_block_streaming` (or construct, then :meth:`start`); undo with
     :meth:`restore`. ``copier`` defaults to :class:`CudaStreamCopier` on CUDA devices and
-    :class:`SyncCopier` elsewhere; ``pin_method`` is passed to :class:`HostBuffer`.
+    :class:`SyncCopier` elsewhere; ``pin_method`` is passed to :class:`HostBuffer`. ``originals``
+    says where the original values of encoded tensors wait for :meth:`restore` (:data:`ORIGINALS`;
+    with ``host="disk"`` they always go to the offload file).
     """
 
     def __init__(
@@ -186,13 +195,23 @@ class BlockStreamer:
         source: TensorSource | None = None,
         park: bool = False,
         park_after_forward: bool = False,
+        originals: str = "ram",
     ) -> None:
         if host not in HOSTS:
             raise InvalidRequestError(f"host={host!r}: use one of {HOSTS}.")
+        if originals not in ORIGINALS:
+            raise InvalidRequestError(
+                f"originals={originals!r}: use 'ram' (keep the original values of encoded weights in host "
+                "memory) or 'disk' (write them to a file in the offload folder)."
+            )
         self.module = module
         self.host = host
+        # The streamed blocks' file holds the originals too: there is no RAM copy to choose.
+        self.originals = "disk" if host == "disk" else originals
         self.offload_folder = Path(offload_folder) if offload_folder is not None else default_offload_folder()
         self.source = source
+        # The offload file: the packed streamed blocks (host="disk") and/or the originals
+        # (originals="disk"); created when the first of them is written.
         self._file: OffloadFile | None = None
         self._file_at: dict[int, int] = {}  # streamed block position -> offset of its packed bytes
         # Encoded entries' original values in the offload file: position -> name -> (offset, dtype, shape)
@@ -220,6 +239,7 @@ class BlockStreamer:
         self._orig_devices: dict[int, dict[str, torch.device]] = {}
         self._host: dict[int, HostBuffer | FileBlock] = {}
         self._dev_bufs: dict[int, torch.Tensor] = {}
+        # Encoded entries' original values kept in host memory (originals="ram"): position -> name -> value
         self._retained: dict[int, dict[str, torch.Tensor]] = {}
         self._moved: list[tuple[_Owners, str, torch.device]] = []
         self._slots: list[torch.Tensor] = []
@@ -234,7 +254,8 @@ class BlockStreamer:
         self.scheduler: RingScheduler | None = None
         self.pinned_nbytes = 0
         self.pageable_nbytes = 0
-        self.file_nbytes = 0
+        self.file_nbytes = 0  # packed streamed blocks in the offload file
+        self.originals_nbytes = 0  # original values kept for restore (in RAM or in the offload file)
         self._names = {id(m): n for n, m in module.named_modules()}
         # Parking (see park()): resident blocks are packed on the device with a host copy, so the
         # device copy, the ring and the scratch can be freed while other models run.
@@ -295,11 +316,21 @@ class BlockStreamer:
             self.file_nbytes / 1e9,
             self.device,
         )
-        if self._file is not None:
+        if self._file_at:
+            assert self._file is not None
             logger.info(
                 "BlockStreaming on %s: streamed blocks memory-mapped from %s",
                 type(self.module).__name__,
                 self._file.path,
+            )
+        if self.originals_nbytes:
+            on_disk = self._file is not None and self.originals == "disk"
+            logger.info(
+                "BlockStreaming on %s: the original values of encoded weights (%.2f GB) are kept %s for an exact "
+                "restore",
+                type(self.module).__name__,
+                self.originals_nbytes / 1e9,
+                f"in the offload file {self._file.path}" if on_disk and self._file is not None else "in host RAM",
             )
         return self
 
@@ -366,7 +397,7 @@ class BlockStreamer:
                 self._retain(b, data)
             except BaseException:
                 host.release()
-                self._retained.pop(b.position, None)
+                self._forget_retained(b.position)
                 raise
             # Only now is the packed copy complete: from here on, restore rebuilds from it.
             self._host[b.position] = host
@@ -382,7 +413,7 @@ class BlockStreamer:
         """Pack each streamed block into a RAM buffer of one block and append it to the offload file:
         RAM never holds more than one block (plus, while the module is still in RAM, what is not
         yet packed; each block's original storage goes as soon as it is written)."""
-        self._file = OffloadFile(self.offload_folder, type(self.module).__name__)
+        file = self._offload_file()
         # One staging buffer for every block: allocating and freeing one per block leaves the C
         # allocator holding freed blocks' worth of RSS (glibc raises its mmap threshold after a free).
         staging = torch.empty(
@@ -397,7 +428,7 @@ class BlockStreamer:
             view.zero_()  # alignment padding is written too: keep the file deterministic
             work = self.device if (self._cuda and b.encoded) else None
             pack_block(data, b, view, work_device=work)
-            at = self._file.append(view)
+            at = file.append(view)
             # Only once the originals are kept too is the block restorable from the file.
             self._retain(b, data)
             self._file_at[b.position] = at
@@ -406,39 +437,54 @@ class BlockStreamer:
                 _assign(owners, kind, _placeholder(data[name]))
             del data
 
+    def _offload_file(self) -> OffloadFile:
+        """The offload file, created on first use (a streamer that writes nothing leaves no file)."""
+        if self._file is None:
+            self._file = OffloadFile(self.offload_folder, type(self.module).__name__)
+        return self._file
+
     def _map_file(self) -> None:
-        """Map the offload file and point every streamed block (and retained original) into it."""
+        """Map the offload file and point every streamed block in it at its mapped bytes."""
         if self._file is None or self._file.mapped:
             return
         self._file.map()
         for b in self.layout.blocks:
             if b.position in self._file_at:
                 self._host[b.position] = FileBlock(self._file.view(self._file_at[b.position], b.nbytes))
-            kept = self._retained_at.get(b.position)
-            if kept:
-                self._retained[b.position] = {
-                    name: self._file.view(off, math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
-                    for name, (off, dtype, shape) in kept.items()
-                }
 
     def _retain(self, b: BlockLayout, data: dict[str, torch.Tensor]) -> None:
-        """Keep the original values of lossy/cast entries for an exact restore: in host memory, or
-        in the offload file with ``host="disk"`` (so they cost no RAM either)."""
-        if self._file is not None:
-            at = {}
-            for e in b.entries:
-                if e.codec != "raw":
-                    at[e.name] = (self._file.append(data[e.name]), e.dtype, e.shape)
-            if at:
-                self._retained_at[b.position] = at
+        """Keep the original values of lossy/cast entries for an exact restore: in host memory
+        (``originals="ram"``), or appended to the offload file (``originals="disk"``), where they cost
+        no RAM: the caller drops ``data`` right after, so the block's original storage is freed."""
+        encoded = [e for e in b.entries if e.codec != "raw"]
+        if not encoded:
             return
-        kept = {
-            e.name: data[e.name] if data[e.name].device.type == "cpu" else data[e.name].to("cpu")
-            for e in b.entries
-            if e.codec != "raw"
-        }
-        if kept:
-            self._retained[b.position] = kept
+        nbytes = sum(e.numel * e.dtype.itemsize for e in encoded)
+        if self.originals == "disk":
+            file = self._offload_file()
+            # Recorded only once every entry is written: a failure midway leaves nothing to restore
+            # from (the block's tensors are still its originals), and the file is deleted on teardown.
+            self._retained_at[b.position] = {e.name: (file.append(data[e.name]), e.dtype, e.shape) for e in encoded}
+        else:
+            self._retained[b.position] = {
+                e.name: data[e.name] if data[e.name].device.type == "cpu" else data[e.name].to("cpu") for e in encoded
+            }
+        self.originals_nbytes += nbytes
+
+    def _forget_retained(self, pos: int) -> None:
+        """Drop the kept originals of a block whose packing failed (it keeps its own tensors)."""
+        self._retained.pop(pos, None)
+        self._retained_at.pop(pos, None)
+
+    def _original(self, pos: int, name: str) -> torch.Tensor:
+        """The kept original value of an encoded entry: from host memory, or a view of the mapped
+        offload file (valid until the file is closed)."""
+        kept = self._retained.get(pos)
+        if kept is not None and name in kept:
+            return kept[name]
+        assert self._file is not None and self._file.mapped
+        off, dtype, shape = self._retained_at[pos][name]
+        return self._file.view(off, math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
 
     def _place_resident_and_rest(self) -> None:
         for b in self.layout.blocks:
@@ -452,7 +498,7 @@ class BlockStreamer:
                     pack_block(data, b, buf, work_device=self.device)
                     self._retain(b, data)
                 except BaseException:
-                    self._retained.pop(b.position, None)
+                    self._forget_retained(b.position)
                     raise
                 self._dev_bufs[b.position] = buf
                 if self.parkable:
@@ -694,6 +740,7 @@ class BlockStreamer:
         self._moved.clear()
         self._retained.clear()
         self._retained_at.clear()
+        self.originals_nbytes = 0
         self._file_at.clear()
         if self._file is not None:
             self._file.close()
@@ -715,7 +762,6 @@ class BlockStreamer:
         pos = b.position
         tensors = self._tensors[pos]
         raw = stored_views(buffer, b)
-        retained = self._retained.get(pos, {})
         for e in b.entries:
             kind, owners = tensors[e.name]
             device = self._orig_devices[pos][e.name]
@@ -726,7 +772,7 @@ class BlockStreamer:
             else:
                 # A copy, never a view: a retained value may live in the offload file, deleted next.
                 value = torch.empty(e.shape, dtype=e.dtype, device=device)
-                value.copy_(retained[e.name])
+                value.copy_(self._original(pos, e.name))
             _assign(owners, kind, value)
 
     def _remove_hooks(self) -> None:
@@ -760,6 +806,8 @@ class BlockStreamer:
                 "pageable_nbytes_actual": self.pageable_nbytes,
                 "host": self.host,
                 "file_nbytes_actual": self.file_nbytes,
+                "originals": self.originals,
+                "originals_nbytes_actual": self.originals_nbytes,
                 "offload_file": str(self._file.path) if self._file is not None else None,
                 "copier": type(self.copier).__name__ if self.copier is not None else None,
                 "fused_decodes": self.decoder.fused_calls,
@@ -834,12 +882,15 @@ def enable_block_streaming(
     source: TensorSource | None = None,
     park_after_forward: bool = False,
     unit: str = "block",
+    originals: str = "ram",
 ) -> BlockStreamer:
     """Stream ``module``'s repeated blocks onto ``device``; returns the started :class:`BlockStreamer`
     (call its ``restore()`` to undo). ``resident`` is a count (placed by
     :func:`~vramkit.engine.blocks.choose_resident`: streamed bytes per stack follow its compute, spread
     evenly within each stack) or explicit positions in execution order; ``host="disk"`` keeps the
-    streamed blocks in a memory-mapped file in ``offload_folder``; ``unit="part"`` streams each
+    streamed blocks in a memory-mapped file in ``offload_folder``; ``originals="disk"`` keeps the
+    original values of encoded tensors (for :meth:`~BlockStreamer.restore`) in a file there instead
+    of host RAM; ``unit="part"`` streams each
     block as its parts (smaller ring slots; ``resident`` then counts parts); see
     :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
     layout = compute_layout(module, resident, prefetch, storage, pinned_limit, alignment, unit)
@@ -855,4 +906,5 @@ def enable_block_streaming(
         park_after_forward=park_after_forward,
         offload_folder=offload_folder,
         source=source,
+        originals=originals,
     ).start()

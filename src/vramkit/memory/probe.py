@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ __all__ = [
     "host_memory",
     "measure_h2d_bandwidth",
     "cache_dir",
+    "default_offload_folder",
+    "offload_free_bytes",
     "ASSUMED_BANDWIDTH",
     "PINNED_FRACTION",
 ]
@@ -49,6 +52,9 @@ class DeviceProbe:
     ``free_vram`` counts memory torch's caching allocator holds but does not use as free.
     ``ram_available`` is the smaller of what the OS reports available and the container (cgroup)
     limit minus its usage. ``bandwidth_source`` is ``"measured"``, ``"cached"`` or ``"assumed"``.
+    ``offload_free``: free bytes on the disk of the default offload folder
+    (:func:`default_offload_folder`), where streamed blocks and kept originals are written; ``None``
+    when unknown.
     """
 
     device: str
@@ -61,6 +67,7 @@ class DeviceProbe:
     h2d_bandwidth: float
     bandwidth_source: str
     notes: tuple[str, ...] = field(default_factory=tuple)
+    offload_free: int | None = None
 
     @property
     def is_gpu(self) -> bool:
@@ -77,6 +84,7 @@ class DeviceProbe:
             "pinned_limit": int(self.pinned_limit),
             "h2d_bandwidth": float(self.h2d_bandwidth),
             "bandwidth_source": self.bandwidth_source,
+            "offload_free": None if self.offload_free is None else int(self.offload_free),
             "notes": list(self.notes),
         }
 
@@ -90,6 +98,32 @@ def cache_dir() -> Path:
         return Path(os.environ["LOCALAPPDATA"]) / "vramkit" / "Cache"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vramkit"
+
+
+def default_offload_folder() -> Path:
+    """Where streamed blocks go when ``host="disk"`` (and kept originals with ``originals="disk"``)
+    and no folder is given: ``$VRAMKIT_OFFLOAD_DIR``, else ``offload/`` in vramkit's cache directory.
+    Not the system temp directory: ``/tmp`` is often a tmpfs, i.e. RAM, which would defeat the
+    purpose."""
+    override = os.environ.get("VRAMKIT_OFFLOAD_DIR")
+    if override:
+        return Path(override)
+    return cache_dir() / "offload"
+
+
+def offload_free_bytes(folder: str | os.PathLike[str] | None = None) -> int | None:
+    """Free bytes on the disk that holds ``folder`` (default :func:`default_offload_folder`), read
+    at its nearest existing parent (the folder is created only when something is written); ``None``
+    when it cannot be read."""
+    probe_at = Path(folder) if folder is not None else default_offload_folder()
+    probe_at = probe_at.absolute()
+    while not probe_at.exists() and probe_at != probe_at.parent:
+        probe_at = probe_at.parent
+    try:
+        return int(shutil.disk_usage(probe_at).free)
+    except OSError as exc:
+        logger.debug("free space of the offload folder %s not readable: %s", probe_at, exc)
+        return None
 
 
 def _read_int(path: Path) -> int | None:
@@ -278,6 +312,7 @@ def probe(
         notes.append("no GPU found: nothing to plan on the GPU unless a vram budget is given")
     if source == "assumed":
         notes.append(f"h2d bandwidth {ASSUMED_BANDWIDTH / 1e9:.0f} GB/s is assumed, not measured")
+    offload_free = offload_free_bytes()
     return DeviceProbe(
         device=str(dev),
         name=name,
@@ -289,6 +324,7 @@ def probe(
         h2d_bandwidth=float(bandwidth),
         bandwidth_source=source,
         notes=tuple(notes),
+        offload_free=offload_free,
     )
 
 

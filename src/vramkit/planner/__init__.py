@@ -75,7 +75,8 @@ def budget_for(
     ``extra_ram`` (memory this process already holds that the plan accounts for, such as the
     pipeline's weights in host RAM); pinnable = 55% of the RAM budget; bandwidth = the probe's;
     ``disk_bandwidth`` (read + copy rate of blocks streamed from an offload file) = the calibration's
-    assumed default unless given.
+    assumed default unless given; free disk space in the offload folder = the probe's, when the probe
+    has a GPU (a probe without one stands for this machine while the plan is for another).
     """
     notes: list[str] = []
     if vram is None:
@@ -124,6 +125,9 @@ def budget_for(
     if disk_bw is not None:
         notes.append(f"disk read + copy bandwidth {disk_bw / 1e9:.1f} GB/s (given)")
     device = found.device.split(":")[0] if found.is_gpu else "cuda"
+    disk_free = found.offload_free if found.is_gpu else None
+    if disk_free is not None:
+        notes.append(f"offload folder: {format_bytes(disk_free)} free on its disk")
     budget = Budget(
         vram=vram_b,
         ram=ram_b,
@@ -132,6 +136,7 @@ def budget_for(
         device=device,
         bandwidth_source=source,
         disk_bandwidth=disk_bw,
+        disk_free=disk_free,
     )
     return budget, notes
 
@@ -222,6 +227,7 @@ def _request_record(spec: PipelineSpec, req: Request, budget: Budget, quality: s
         "bandwidth": float(budget.bandwidth),
         "bandwidth_source": budget.bandwidth_source,
         "disk_bandwidth": None if budget.disk_bandwidth is None else float(budget.disk_bandwidth),
+        "disk_free": None if budget.disk_free is None else int(budget.disk_free),
         **extra,
     }
 
@@ -275,6 +281,12 @@ def plan_for(
             raise InvalidBudgetError(
                 f"Budget.disk_bandwidth={budget.disk_bandwidth!r} must be positive (bytes/s), or None for the "
                 "assumed default."
+            )
+        if budget.disk_free is not None and (
+            isinstance(budget.disk_free, bool) or not isinstance(budget.disk_free, int) or budget.disk_free < 0
+        ):
+            raise InvalidBudgetError(
+                f"Budget.disk_free={budget.disk_free!r} must be a number of bytes >= 0, or None when unknown."
             )
         names = [device_key(d) for d, _ in budget.devices]
         if len(set(names)) != len(names):

@@ -30,6 +30,7 @@ from .search import (
     SearchResult,
     _block_streaming,
     _Ctx,
+    _disk_over,
     _families,
     _gb,
     _greedy_pinned,
@@ -38,6 +39,8 @@ from .search import (
     _run,
     _steps,
     _VaeOpt,
+    originals_beside,
+    pipeline_weights,
 )
 from .spec import Budget, PipelineSpec, Request
 
@@ -178,6 +181,8 @@ def _split(
     mctx: _Ctx, res: SearchResult, cand: Candidate, actx: _Ctx, aux: _Aux, main: str, aux_name: str, total_ram: int
 ) -> _Option:
     req, cal = mctx.req, mctx.cal
+    # The text encoders' host RAM counts too where the transformer's originals go (RAM or disk).
+    cand = originals_beside(mctx, cand, aux.ram)
     bw = min(mctx.bw, actx.bw)
     # What crosses between the devices, and when.
     embed = actx.te_passes * (actx.text_tokens * _EMBED_WIDTH + 768) * 2 if aux.te != "none" else 0
@@ -226,6 +231,11 @@ def _split(
         )
     if ram > total_ram:
         problems.append(f"needs {format_bytes(ram)} host RAM ({format_bytes(ram - total_ram)} over the budget)")
+    if _disk_over(cand, mctx.budget):
+        problems.append(
+            f"needs {format_bytes(cand.info['disk_need'])} in the offload folder "
+            f"({format_bytes(mctx.budget.disk_free or 0)} free on its disk)"
+        )
     te_text = {
         "resident": "text encoders resident",
         "stream": "T5 block-streamed",
@@ -276,7 +286,16 @@ def _split_options(
         key = (main, vae_on_aux)
         if key not in main_results:
             keep = {n: c for n, c in spec.components.items() if n not in _TEXT and not (vae_on_aux and n == "vae")}
-            mctx = _Ctx(replace(spec, components=keep), req, _one(budget, vrams[main]), quality, cal, streaming, parts)
+            mctx = _Ctx(
+                replace(spec, components=keep),
+                req,
+                _one(budget, vrams[main]),
+                quality,
+                cal,
+                streaming,
+                parts,
+                weights_ram=pipeline_weights(spec),
+            )
             # The transformer's device holds it resident or streams it; offloading it whole every
             # call would throw away what the second device bought. 16-bit storage of an fp32
             # transformer would leave fp32 text encoders on the other device: not considered.
@@ -335,7 +354,9 @@ def _placed_on(step: PlanStep, device: str, why: str) -> PlanStep:
 def _with_lossless_alt(res: SearchResult, cand: Candidate, cal: Calibration, streaming: bool) -> None:
     if not cand.lossless and res.best_lossless is None:
         ctx = res.ctx
-        res.best_lossless = _run(_Ctx(ctx.spec, ctx.req, ctx.budget, "lossless", cal, streaming)).best
+        res.best_lossless = _run(
+            _Ctx(ctx.spec, ctx.req, ctx.budget, "lossless", cal, streaming, weights_ram=ctx.weights_ram)
+        ).best
 
 
 def _aux_steps(actx: _Ctx, aux: _Aux, aux_name: str, main: str) -> list[PlanStep]:

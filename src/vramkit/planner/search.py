@@ -9,12 +9,18 @@ T5 block-streamed from RAM or from disk). Within a family the
 search tries every count of resident blocks, and for each picks the fastest VAE decode option
 (plain, ``VaeSlicing``, ``VaeTiling``) and attention chunk that fit. Options only get added as the
 budget grows, so more VRAM never gives a slower plan.
+
+Blocks streamed from RAM in fp8/int8 (or cast) keep the original values of their re-encoded weights
+for an exact restore: in host RAM (``BlockStreaming(originals="ram")``, fastest to apply and
+restore) unless that would take the plan's host RAM past :data:`RAM_BOUND` times the RAM the
+pipeline's weights take, or past the RAM budget; then they go to a file in the offload folder
+(``originals="disk"``), if its free disk space (``Budget.disk_free``, when known) holds them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidRequestError, PlanInfeasibleError
@@ -38,7 +44,7 @@ from ..memory.estimator import (
 from ..plan import Plan, PlanStep, Predicted, Rejected, StagePrediction
 from .spec import Budget, ComponentSpec, PipelineSpec, Request
 
-__all__ = ["QUALITIES", "search", "Family", "Candidate"]
+__all__ = ["QUALITIES", "RAM_BOUND", "search", "Family", "Candidate", "pipeline_weights"]
 
 #: Accepted ``quality`` values: ``"lossless"`` (bit-identical output) and ``"auto"`` (also fp8/int8
 #: weights and VAE tiling when they are faster or needed).
@@ -50,10 +56,19 @@ _STORAGE_OF = {"loaded": None, "bf16": "bf16", "fp8": "fp8", "int8": "int8"}
 _PREFETCH = 1
 #: Resident counts tried first for a family streamed by parts (then every count near the best).
 _PART_STRIDE = 4
+#: A plan's peak host RAM should stay within this multiple of the RAM the pipeline's weights take
+#: (optimizing must not grow host RAM by more than 10 %): past it, streamed blocks in fp8/int8 keep
+#: the originals of their re-encoded weights in an offload file instead of host RAM.
+RAM_BOUND = 1.1
 
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def pipeline_weights(spec: PipelineSpec) -> int:
+    """Bytes of every component's weights as loaded: the RAM a pipeline loaded on the CPU takes."""
+    return sum(c.sizes.weight_bytes("loaded") for c in spec.components.values())
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,7 @@ class _Ctx:
         cal: Calibration,
         streaming: bool,
         parts: bool = True,
+        weights_ram: int | None = None,
     ) -> None:
         self.spec, self.req, self.budget, self.quality, self.cal = spec, req, budget, quality, cal
         self.streaming = streaming
@@ -206,6 +222,14 @@ class _Ctx:
         given = budget.disk_bandwidth is not None
         self.disk_bw = float(budget.disk_bandwidth) if given else cal.disk_bandwidth  # type: ignore[arg-type]
         self.disk_source = "given" if given else "assumed: calibration default, not measured"
+        # What the whole pipeline's weights take as loaded (a search over some of its components,
+        # as on one device of several, is given the whole pipeline's): RAM_BOUND times it bounds
+        # the host RAM before the originals of re-encoded weights go to disk.
+        self.weights_ram = pipeline_weights(spec) if weights_ram is None else int(weights_ram)
+
+    @property
+    def ram_bound(self) -> int:
+        return int(RAM_BOUND * self.weights_ram)
 
     # --- sizes ----------------------------------------------------------------------------------
 
@@ -446,6 +470,84 @@ def _resident_counts(ctx: _Ctx, fam: Family, stride: int = 1, around: int | None
     return out
 
 
+def _place_originals(ctx: _Ctx, ram: int, retained: int, disk_need: int) -> tuple[str, str]:
+    """Where the originals (``retained`` bytes) of re-encoded weights of blocks streamed from RAM
+    wait for restore: ``"ram"`` or ``"disk"`` (the offload folder), with, when they stay in RAM past
+    the bound, why. ``ram`` is the plan's host RAM without them; ``disk_need`` what the plan already
+    writes to the offload folder.
+
+    In RAM (fastest to apply and restore, nothing written) while the plan's RAM stays within
+    :data:`RAM_BOUND` times the pipeline's weights and within the budget; else on disk, when the free
+    disk space (if known) holds them: the offload file costs only page cache.
+    """
+    if retained <= 0:
+        return "ram", ""
+    with_them = ram + retained
+    if with_them <= ctx.ram_bound and with_them <= ctx.budget.ram:
+        return "ram", ""
+    free = ctx.budget.disk_free
+    if free is not None and disk_need + retained > free:
+        return "ram", (
+            f"the originals of the re-encoded weights ({_gb(retained)}) stay in host RAM, because the offload "
+            f"folder has only {format_bytes(max(0, free - disk_need))} free"
+        )
+    return "disk", ""
+
+
+def originals_beside(ctx: _Ctx, cand: Candidate, ram_beside: int) -> Candidate:
+    """``cand`` as part of a plan whose other parts (text encoders on another device) take
+    ``ram_beside`` more host RAM: itself when its originals may stay where they are, else a copy that
+    keeps them in the offload folder (the same placement rule on the whole plan's RAM)."""
+    info = cand.info
+    retained = int(info.get("retained", 0))
+    if info.get("originals") != "ram" or retained <= 0 or ram_beside <= 0:
+        return cand
+    without = cand.ram - retained
+    where, _ = _place_originals(ctx, without + ram_beside, retained, info["disk_need"])
+    if where == "ram":
+        return cand
+    stages = {k: replace(st, ram=st.ram - retained) for k, st in cand.stages.items()}
+    new_info = {
+        **info,
+        "originals": "disk",
+        "originals_ram": without + ram_beside + retained,
+        "originals_why_ram": "",
+        "disk_need": info["disk_need"] + retained,
+    }
+    return replace(cand, ram=without, stages=stages, info=new_info)
+
+
+def _originals_reason(ctx: _Ctx, cand: Candidate, name: str, g: _Geo, storage: str) -> str:
+    """The sentence of the reason of ``name``'s streaming step on where the originals of its
+    re-encoded weights wait for restore (empty when nothing is re-encoded)."""
+    info = cand.info
+    comp = ctx.spec.get(name)
+    if not g.retained or cand.family.host == "disk" or comp is None:
+        return ""
+    dtype = comp.sizes.dtype
+    if info.get("originals") == "disk":
+        would = info["originals_ram"]
+        over = []
+        if would > ctx.ram_bound:
+            over.append(
+                f"over {RAM_BOUND:g}x the {format_bytes(ctx.weights_ram)} the pipeline's weights take "
+                f"({format_bytes(ctx.ram_bound)})"
+            )
+        if would > ctx.budget.ram:
+            over.append(f"over the {format_bytes(ctx.budget.ram)} RAM budget")
+        return (
+            f". The {dtype} originals ({_gb(g.retained)}) are kept in an offload file for an exact restore, so host "
+            f"RAM holds only the {storage} copy: keeping them in RAM would take this plan's RAM to "
+            f"{format_bytes(would)}, {' and '.join(over)}"
+        )
+    if info.get("originals_why_ram"):
+        return f". {info['originals_why_ram'][0].upper()}{info['originals_why_ram'][1:]}"
+    return (
+        f". The {dtype} originals ({_gb(g.retained)}) stay in host RAM for an exact restore (the plan's RAM stays "
+        f"within {RAM_BOUND:g}x the pipeline's weights and the budget)"
+    )
+
+
 def _disk_working_set(g: _Geo) -> int:
     """Host RAM a component streamed from an offload file needs: the page cache of the blocks in
     flight, one per ring slot (older pages are clean file pages the kernel drops under pressure)."""
@@ -477,6 +579,8 @@ def _evaluate(
     pinned = 0
     pageable_copy = 0  # streamed bytes that stay pageable (copied at pageable speed, not overlapped)
     disk_copy = 0  # streamed bytes read from an offload file (disk rate, not overlapped)
+    disk_need = 0  # bytes the plan writes to the offload folder
+    retained = 0  # originals of re-encoded weights of blocks streamed from RAM (RAM or offload file)
     te_seconds = 0.0
     load_seconds = 0.0
     stream_bytes = 0
@@ -541,12 +645,15 @@ def _evaluate(
                     ws = _disk_working_set(g)
                     ram += ws
                     disk_copy += passes * g.streamed
+                    disk_need += g.streamed + g.retained
                     info[f"{key}_ws"] = ws
                     pin = 0
                 else:
                     pin = _greedy_pinned(g.blocks, pin_left)
                     pin_left -= pin
-                    ram += g.streamed + g.retained
+                    # The originals are placed once the whole plan's RAM is known (below).
+                    ram += g.streamed
+                    retained += g.retained
                     pinned += pin
                     pageable_copy += passes * (g.streamed - pin)
                 decoded += g.decoded
@@ -594,6 +701,7 @@ def _evaluate(
             persist += w_clip + g.rest
             te_extra += g.device - g.rest
             ram += ws
+            disk_need += g.streamed
             t5_c = text_encode_seconds(cal, ctx.t5.sizes, None, ctx.text_tokens)
             clip_c = text_encode_seconds(cal, None, ctx.clip.sizes, ctx.text_tokens) if ctx.clip is not None else 0.0
             # Page faults and pageable copies block the host: the reads do not overlap the compute.
@@ -605,6 +713,14 @@ def _evaluate(
             info["t5_one"] = one
             n_steps += 1
         persist += w_other
+        where, why_ram = _place_originals(ctx, ram, retained, disk_need)
+        if where == "ram":
+            ram += retained
+        else:
+            disk_need += retained
+        info.update(originals=where, retained=retained, originals_ram=ram if where == "ram" else ram + retained)
+        info["originals_why_ram"] = why_ram
+    info["disk_need"] = disk_need
     info["factor"] = factor
     info["decode_s"] = decode_s
     info["stream_bytes"] = stream_bytes
@@ -747,6 +863,11 @@ def _evaluate(
         problems.append(
             f"needs {format_bytes(cand.ram)} host RAM ({format_bytes(cand.ram - budget.ram)} over the "
             f"{format_bytes(budget.ram)} budget)"
+            + (f": {info['originals_why_ram']}" if info.get("originals_why_ram") else "")
+        )
+    if budget.disk_free is not None and disk_need > budget.disk_free:
+        problems.append(
+            f"needs {format_bytes(disk_need)} in the offload folder ({format_bytes(budget.disk_free)} free on its disk)"
         )
     cand.fits = not problems
     cand.why_not = "; ".join(problems)
@@ -784,9 +905,11 @@ def _run(ctx: _Ctx, families: list[Family] | None = None) -> SearchResult:
             for r_t, r_c in passes.pop():
                 cand = _evaluate(ctx, fam, r_t, r_c, vae_opts, chunks)
                 evaluated += 1
-                if cand.ram <= budget.ram and (minimum_vram is None or cand.min_peak_vram < minimum_vram):
+                # A plan that needs more disk than the offload folder has is no answer at any VRAM or RAM.
+                disk_ok = _disk_over(cand, budget) == 0
+                if disk_ok and cand.ram <= budget.ram and (minimum_vram is None or cand.min_peak_vram < minimum_vram):
                     minimum_vram = cand.min_peak_vram
-                if cand.min_peak_vram <= budget.vram and (minimum_ram is None or cand.ram < minimum_ram):
+                if disk_ok and cand.min_peak_vram <= budget.vram and (minimum_ram is None or cand.ram < minimum_ram):
                     minimum_ram = cand.ram
                 if cand.fits:
                     if fam_best is None or cand.key() < fam_best.key():
@@ -806,7 +929,14 @@ def _run(ctx: _Ctx, families: list[Family] | None = None) -> SearchResult:
 
 
 def _overage(c: Candidate, budget: Budget) -> float:
-    return max(0, c.peak_vram - budget.vram) + max(0, c.ram - budget.ram)
+    return max(0, c.peak_vram - budget.vram) + max(0, c.ram - budget.ram) + _disk_over(c, budget)
+
+
+def _disk_over(c: Candidate, budget: Budget) -> int:
+    """Bytes the candidate writes to the offload folder beyond its free space (0 when unknown)."""
+    if budget.disk_free is None:
+        return 0
+    return max(0, int(c.info.get("disk_need", 0)) - budget.disk_free)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -933,18 +1063,34 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                 what = "blocks"
                 if fam.unit == "part":
                     what = f"parts (of {ctx.n_blocks(name, fam.fmt)} blocks)"
-                text = (
-                    f"{name} is {_gb(ctx.w(ctx.spec.get(name)))} as loaded; {r} of {n} {what} "
-                    f"({_gb(g.resident_bytes)}) stay on the GPU and {g.n_streamed} stream from "
-                    f"{'disk' if on_disk else 'host RAM'} through {g.slots} slots of {_gb(g.slot_bytes)}"
-                )
-                if fam.unit == "part":
-                    block_slot = ctx.geo(ctx.spec.get(name), fam.fmt, 0).slot_bytes  # type: ignore[arg-type]
-                    text += (
-                        f" (streamed by parts: a slot holds the largest part, not the largest block's "
-                        f"{_gb(block_slot)}, and the memory saved keeps more of the model resident)"
+                all_resident = g.n_streamed == 0
+                if all_resident:
+                    # Nothing streams: the engine only keeps the encoded weights and decodes them per unit.
+                    text = (
+                        f"{name} is {_gb(ctx.w(ctx.spec.get(name)))} as loaded; all {n} {what} "
+                        f"({_gb(g.resident_bytes)}) stay on the GPU"
                     )
-                if storage in ("fp8", "int8"):
+                    if fam.unit == "part":
+                        block_scratch = ctx.geo(ctx.spec.get(name), fam.fmt, ctx.n_blocks(name, fam.fmt)).scratch  # type: ignore[arg-type]
+                        text += (
+                            f" (by parts: each is decoded into a scratch of {_gb(g.scratch)} instead of the "
+                            f"{_gb(block_scratch)} a whole block needs)"
+                        )
+                else:
+                    text = (
+                        f"{name} is {_gb(ctx.w(ctx.spec.get(name)))} as loaded; {r} of {n} {what} "
+                        f"({_gb(g.resident_bytes)}) stay on the GPU and {g.n_streamed} stream from "
+                        f"{'disk' if on_disk else 'host RAM'} through {g.slots} slots of {_gb(g.slot_bytes)}"
+                    )
+                    if fam.unit == "part":
+                        block_slot = ctx.geo(ctx.spec.get(name), fam.fmt, 0).slot_bytes  # type: ignore[arg-type]
+                        text += (
+                            f" (streamed by parts: a slot holds the largest part, not the largest block's "
+                            f"{_gb(block_slot)}, and the memory saved keeps more of the model resident)"
+                        )
+                if all_resident:
+                    text += f", stored {storage} with per-row scales (changes numerics)" if storage else ""
+                elif storage in ("fp8", "int8"):
                     text += (
                         f", stored {storage} with per-row scales ({_gb(g.streamed)} to copy per step instead of "
                         f"{_gb(_raw_streamed(ctx, name, r, fam.unit))}; changes numerics)"
@@ -970,6 +1116,16 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                         f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident {fam.unit}s"
                         " do not fit."
                     )
+                elif all_resident:
+                    text += (
+                        f". Per step: {compute_s:.3f} s of compute"
+                        + (f" (incl. {info['decode_s']:.3f} s decoding {storage})" if info["decode_s"] else "")
+                        + f"; {binding}."
+                    )
+                    if storage is not None:
+                        originals = _originals_reason(ctx, cand, name, g, storage)
+                        if originals:
+                            text = text.rstrip(".") + originals + "."
                 else:
                     text += (
                         f". Per step: copy {_gb(info['stream_bytes'])} at {bw} = {copy_s:.3f} s overlapped with "
@@ -978,6 +1134,10 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                         + f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident {fam.unit}s"
                         + " do not fit."
                     )
+                    if storage is not None:
+                        originals = _originals_reason(ctx, cand, name, g, storage)
+                        if originals:
+                            text = text.rstrip(".") + originals + "."
                 if lossless_alt:
                     text += " " + lossless_alt
                 if info.get("park"):
@@ -999,6 +1159,7 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                             host=fam.host,
                             park_during_decode=bool(info.get("park")),
                             unit=fam.unit,
+                            originals=info.get("originals", "ram"),
                         ),
                         name,
                         text,
@@ -1279,8 +1440,15 @@ def _infeasible(res: SearchResult, record: dict[str, Any]) -> PlanInfeasibleErro
     b = ctx.budget
     what = f"{ctx.spec.name} at {ctx.req.width}x{ctx.req.height}, batch {ctx.req.batch_size} (quality={ctx.quality!r})"
     parts = [f"no plan for {what} fits {format_bytes(b.vram)} VRAM and {format_bytes(b.ram)} RAM"]
+    if b.disk_free is not None:
+        parts[0] += f" with {format_bytes(b.disk_free)} free in the offload folder"
     if res.minimum_vram is not None:
         parts.append(f"the smallest plan needs {format_bytes(res.minimum_vram)} of VRAM (vram={res.minimum_vram})")
+    elif b.disk_free is not None:
+        parts.append(
+            "no plan fits this much host RAM and free disk at any VRAM (free space in the offload folder, or point "
+            "VRAMKIT_OFFLOAD_DIR at a larger local disk)"
+        )
     else:
         parts.append("no plan fits this much host RAM at any VRAM")
     if res.minimum_ram is not None and res.minimum_ram > b.ram:

@@ -158,7 +158,9 @@ class Budget:
     """Memory and bandwidth to plan within. ``pinned`` bounds page-locked host memory (streamed
     blocks); ``device`` is the device type the plan is for (``"cuda"``, ``"mps"``);
     ``disk_bandwidth`` the read + copy rate of blocks streamed from disk (``None``: the
-    calibration's assumed default).
+    calibration's assumed default); ``disk_free`` the free bytes in the offload folder, where
+    streamed blocks and the originals of re-encoded weights may be written (``None``: unknown, not
+    checked).
 
     ``devices``: per-device VRAM budgets ``(("cuda:0", bytes), ("cuda:1", bytes))`` to plan across
     several GPUs (``vram`` is then the first one's); empty for the usual one-device plan. RAM,
@@ -173,6 +175,7 @@ class Budget:
     disk_bandwidth: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     devices: tuple[tuple[str, int], ...] = ()
+    disk_free: int | None = None
 
     def with_vram(self, vram: int) -> Budget:
         return replace(self, vram=int(vram))

@@ -22,7 +22,7 @@ from .._state import get_state
 from ..engine import BlockStreamer, compute_layout, find_block_stacks, max_resident_for_budget
 from ..engine.blocks import UNITS
 from ..engine.layout import STORAGES
-from ..engine.streamer import HOSTS, TensorSource
+from ..engine.streamer import HOSTS, ORIGINALS, TensorSource
 from ..errors import InvalidRequestError, UnsupportedPipelineError
 from .base import Strategy, Undo, register_strategy
 from .configs import _components
@@ -107,9 +107,17 @@ class BlockStreaming(Strategy):
     - ``park_after_forward``: free the resident blocks, the ring and the scratch at the end of every
       forward of the component (the next forward brings them back). For a text encoder, which runs
       once per prompt: its ring would otherwise sit on the GPU through every denoising step.
-    - ``offload_folder``: where ``host="disk"`` writes (default ``$VRAMKIT_OFFLOAD_DIR``, else
-      ``offload/`` in vramkit's cache directory; put it on a fast local SSD, not on a tmpfs). The
-      file is deleted on restore.
+    - ``originals``: where the original values of the weights a lossy or cast ``storage`` re-encodes
+      are kept until restore (an exact restore needs them). ``"ram"`` (default) keeps them in host
+      RAM: fastest to apply and restore, but host RAM then holds the packed copy *and* the originals
+      (FLUX.1-dev in fp8: 11.9 GB + 23.8 GB). ``"disk"`` writes them, block by block, to a file in
+      ``offload_folder`` (each block's originals are freed as soon as they are written) and reads
+      them back on restore: host RAM holds only the packed copy. With ``host="disk"`` the originals
+      always go to the offload file (``"ram"`` is taken as ``"disk"``). Nothing is written when
+      ``storage`` re-encodes nothing.
+    - ``offload_folder``: where ``host="disk"`` and ``originals="disk"`` write (default
+      ``$VRAMKIT_OFFLOAD_DIR``, else ``offload/`` in vramkit's cache directory; put it on a fast
+      local SSD, not on a tmpfs). The file is deleted on restore.
     - ``unit``: what streams as one piece through the ring. ``"block"`` (default) streams whole
       repeated blocks. ``"part"`` streams each block as its parameter-owning children, in the order
       its forward calls them (:func:`~vramkit.engine.blocks.block_parts`; FLUX's double-stream
@@ -117,15 +125,15 @@ class BlockStreaming(Strategy):
       ``norm, proj_mlp, attn, proj_out``; blocks of other classes, e.g. T5's, stay whole): the ring
       slots shrink from the largest block to the largest part (FLUX.1-dev bf16: 0.68 GB to about
       0.15 GB each), memory that can hold resident blocks instead. ``resident`` then counts parts.
-      Opt-in and not yet measured on a GPU (five hooks per block instead of one, smaller copies):
-      the planner still plans whole blocks, so ``"part"`` is only for explicit strategies and the
-      benchmark. Not combinable with ``Compile`` (the compiled block forward would trace the part
-      hooks).
+      Measured on an H100 as close to the copy floor as whole blocks (and faster for the residency
+      it frees); the planner picks it when predicted faster. Not combinable with ``Compile`` (the
+      compiled block forward would trace the part hooks): compiled plans stream whole blocks.
 
     Without a CUDA device the step is a no-op, except with ``host="disk"`` and an explicit
     ``device="cpu"``: the blocks then stream from the file into CPU slots (bounded RAM on a
     machine without a GPU). Reversible: the original weights (values, devices,
-    parameter objects) come back exactly, fp8/int8 included (their originals are kept in host RAM).
+    parameter objects) come back exactly, fp8/int8 included (their originals are kept in host RAM,
+    or with ``originals="disk"`` or ``host="disk"`` in the offload file).
     """
 
     resident: int | None = None
@@ -140,6 +148,7 @@ class BlockStreaming(Strategy):
     park_during_decode: bool = False
     park_after_forward: bool = False
     unit: str = "block"
+    originals: str = "ram"
 
     name: ClassVar[str] = "BlockStreaming"
     order: ClassVar[int] = 70
@@ -186,6 +195,15 @@ class BlockStreaming(Strategy):
                 "(each block's parameter-owning children, smaller ring slots)."
             )
         _set(self, "unit", unit)
+        originals = self.originals.lower() if isinstance(self.originals, str) else self.originals
+        if originals not in ORIGINALS:
+            raise InvalidRequestError(
+                f"BlockStreaming(originals={self.originals!r}): use 'ram' (keep the original values of re-encoded "
+                "weights in host RAM for an exact restore) or 'disk' (write them to a file in offload_folder, so "
+                "host RAM holds only the packed copy)."
+            )
+        # The offload file of host='disk' holds the originals as well: there is no RAM copy to choose.
+        _set(self, "originals", "disk" if host == "disk" else originals)
         if not isinstance(self.park_during_decode, bool):
             raise InvalidRequestError(
                 f"BlockStreaming(park_during_decode={self.park_during_decode!r}): give True or False."
@@ -199,16 +217,22 @@ class BlockStreaming(Strategy):
                 raise InvalidRequestError(
                     f"BlockStreaming(offload_folder={self.offload_folder!r}): give a directory path."
                 )
-            if host != "disk":
+            if host != "disk" and self.originals != "disk":
                 raise InvalidRequestError(
-                    "BlockStreaming(offload_folder=...) is only used with host='disk'; add host='disk' or drop it."
+                    "BlockStreaming(offload_folder=...) is only used with host='disk' or originals='disk'; add one "
+                    "of them or drop it."
                 )
             _set(self, "offload_folder", os.fspath(self.offload_folder))
 
     def describe(self) -> str:
-        # The default unit is left out, so plans printed before ``unit`` existed read the same.
+        # Defaults are left out, so plans printed before ``unit``/``originals`` existed read the same;
+        # so is originals='disk' where host='disk' implies it.
         text = super().describe()
-        return text.replace(", unit='block'", "") if self.unit == "block" else text
+        if self.unit == "block":
+            text = text.replace(", unit='block'", "")
+        if self.originals == "ram" or self.host == "disk":
+            text = text.replace(f", originals={self.originals!r}", "")
+        return text
 
     # --- plan-time answers --------------------------------------------------------------------
 
@@ -243,12 +267,23 @@ class BlockStreaming(Strategy):
             return (
                 f"keeps {how} of {component} on the {self.device or 'GPU'} and streams the others from a "
                 f"memory-mapped file in the offload folder {self.prefetch} block(s) ahead (host RAM holds only "
-                "reclaimable page cache; copies run at disk/pageable speed)"
+                "reclaimable page cache; copies run at disk/pageable speed)" + self._originals_reason()
             )
         return (
             f"keeps {how} of {component} on the GPU and streams the others from pinned host memory "
-            f"{self.prefetch} block(s) ahead, hidden behind the resident blocks' compute"
+            f"{self.prefetch} block(s) ahead, hidden behind the resident blocks' compute" + self._originals_reason()
         )
+
+    def _originals_reason(self) -> str:
+        """Where the originals of re-encoded weights wait for restore, for the reasons."""
+        if self.storage is None:
+            return ""
+        if self.originals == "disk":
+            return (
+                f"; the original values of the weights stored {self.storage} are kept in a file in the offload "
+                "folder for an exact restore (not in host RAM)"
+            )
+        return f"; the original values of the weights stored {self.storage} stay in host RAM for an exact restore"
 
     def check(self, pipe: Any, component: str | None) -> None:
         module = getattr(pipe, component or "", None)
@@ -307,6 +342,7 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
                     device=device,
                     host=config.host,
                     offload_folder=config.offload_folder,
+                    originals=config.originals,
                     source=weight_source_of(target),
                     park=config.park_during_decode,
                     park_after_forward=config.park_after_forward,
