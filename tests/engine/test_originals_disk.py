@@ -224,3 +224,49 @@ def test_host_disk_implies_originals_on_disk(tmp_path) -> None:
         model, compute_layout(model, resident=1, storage="fp8"), device="cpu", host="disk", offload_folder=tmp_path
     )
     assert s.originals == "disk"
+
+
+@pytest.mark.parametrize("storage", ["fp8", "int8"])
+def test_restore_hands_back_the_original_storage_kept_in_ram(storage) -> None:
+    """A restore from originals kept in RAM never holds two copies of them: each encoded weight gets
+    its original storage back (the same memory), not a copy of it."""
+    model = build_flux(dtype=torch.bfloat16, num_layers=2, num_single_layers=2)
+    snap = snapshot(model)
+    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    s = enable_block_streaming(model, resident=1, storage=storage, device="cpu", copier=SyncCopier())
+    encoded = {_full_name(s, pos, name) for pos, kept in s._retained.items() for name in kept}
+    assert encoded
+    _run(model, flux_inputs(torch.bfloat16))
+    s.restore()
+    assert_same_as(model, snap)
+    after = {name: p.data_ptr() for name, p in model.named_parameters()}
+    assert all(after[name] == before[name] for name in encoded)
+
+
+def test_restore_reads_the_originals_from_the_file_not_through_its_mapping(tmp_path, monkeypatch) -> None:
+    """Read through the mapping, the whole file's pages would count in RSS beside the restored
+    weights; plain reads leave them to the page cache."""
+    model = build_flux(dtype=torch.bfloat16, num_layers=2, num_single_layers=2)
+    snap = snapshot(model)
+    s = enable_block_streaming(
+        model, resident=1, storage="fp8", device="cpu", copier=SyncCopier(), originals="disk", offload_folder=tmp_path
+    )
+    _run(model, flux_inputs(torch.bfloat16))
+    reads = []
+    real_read_into = OffloadFile.read_into
+
+    def counting_read_into(self, offset, out):  # type: ignore[no-untyped-def]
+        reads.append(offset)
+        real_read_into(self, offset, out)
+
+    def no_view(self, offset, nbytes):  # type: ignore[no-untyped-def]
+        raise AssertionError("restore read an original through the mapping")
+
+    n_originals = sum(len(kept) for kept in s._retained_at.values())
+    assert n_originals
+    monkeypatch.setattr(OffloadFile, "read_into", counting_read_into)
+    monkeypatch.setattr(OffloadFile, "view", no_view)
+    s.restore()
+    assert len(reads) == n_originals
+    assert_same_as(model, snap)
+    assert not list(tmp_path.glob(f"*{OFFLOAD_SUFFIX}"))

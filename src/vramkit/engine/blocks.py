@@ -222,9 +222,7 @@ def _spread(n: int, r: int) -> list[int]:
     return [((2 * i + 1) * n) // (2 * r) for i in range(r)]
 
 
-def choose_resident(
-    blocks: Sequence[object] | int, resident: int, stacks: Sequence[str] | None = None
-) -> set[int]:
+def choose_resident(blocks: Sequence[object] | int, resident: int, stacks: Sequence[str] | None = None) -> set[int]:
     """Positions (in execution order) of the ``resident`` blocks to keep on the GPU.
 
     Without ``stacks`` the resident blocks are spread evenly through the execution order, so every

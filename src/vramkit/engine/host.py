@@ -200,6 +200,26 @@ class OffloadFile:
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         return self.map()[offset : offset + nbytes]
 
+    def read_into(self, offset: int, out: torch.Tensor) -> None:
+        """Read ``out.nbytes`` bytes at ``offset`` into ``out`` (a contiguous tensor, any dtype or
+        device) with plain reads, not through the mapping: the pages then stay page cache instead
+        of counting in the process's RSS while it is mapped (a restore reads the whole file)."""
+        if self._fh is not None:
+            self._fh.flush()
+        host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
+        flat = host.reshape(-1).view(torch.uint8)
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            view = memoryview(flat.numpy())
+            done = 0
+            while done < len(view):
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise OSError(f"offload file {self.path} ends at {offset + done}, {len(view) - done} bytes early")
+                done += got
+        if host is not out:
+            out.copy_(host)
+
     def close(self) -> None:
         """Drop the mapping, delete the file (and the folders this object created, when empty).
         Safe to call twice."""

@@ -14,9 +14,7 @@ from collections.abc import Collection, Sequence
 __all__ = ["simulate_step"]
 
 
-def simulate_step(
-    copy_s: Sequence[float], compute_s: Sequence[float], streamed: Collection[int], slots: int
-) -> float:
+def simulate_step(copy_s: Sequence[float], compute_s: Sequence[float], streamed: Collection[int], slots: int) -> float:
     """Seconds from the start of a pass until the last block has computed.
 
     ``copy_s`` and ``compute_s`` give each block's copy and compute time in execution order;

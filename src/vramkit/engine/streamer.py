@@ -41,7 +41,6 @@ model never sits in RAM. Restoring such a module materializes its weights on the
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
@@ -476,15 +475,26 @@ class BlockStreamer:
         self._retained.pop(pos, None)
         self._retained_at.pop(pos, None)
 
-    def _original(self, pos: int, name: str) -> torch.Tensor:
-        """The kept original value of an encoded entry: from host memory, or a view of the mapped
-        offload file (valid until the file is closed)."""
+    def _take_original(
+        self, pos: int, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The kept original value of an encoded entry, as a tensor of its own on ``device``.
+
+        Kept in host memory, it *is* the original storage: handed back as it is (and forgotten here),
+        so a restore never holds two copies of the originals. Kept in the offload file, it is read
+        into a new tensor with plain reads (never a view: the file is deleted next), so the file's
+        pages do not count in RSS beside the restored weights."""
         kept = self._retained.get(pos)
         if kept is not None and name in kept:
-            return kept[name]
-        assert self._file is not None and self._file.mapped
-        off, dtype, shape = self._retained_at[pos][name]
-        return self._file.view(off, math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+            value = kept.pop(name)
+            if value.device == device and value.dtype == dtype and tuple(value.shape) == tuple(shape):
+                return value
+            return value.to(device=device, dtype=dtype)
+        assert self._file is not None
+        off, kept_dtype, kept_shape = self._retained_at[pos][name]
+        value = torch.empty(kept_shape, dtype=kept_dtype, device=device)
+        self._file.read_into(off, value)
+        return value if kept_dtype == dtype else value.to(dtype)
 
     def _place_resident_and_rest(self) -> None:
         for b in self.layout.blocks:
@@ -770,9 +780,7 @@ class BlockStreamer:
                 value = torch.empty(e.shape, dtype=e.dtype, device=device)
                 value.copy_(src)
             else:
-                # A copy, never a view: a retained value may live in the offload file, deleted next.
-                value = torch.empty(e.shape, dtype=e.dtype, device=device)
-                value.copy_(self._original(pos, e.name))
+                value = self._take_original(pos, e.name, e.shape, e.dtype, device)
             _assign(owners, kind, value)
 
     def _remove_hooks(self) -> None:
