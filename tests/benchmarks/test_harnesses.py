@@ -60,6 +60,25 @@ def test_bench_compile_tiny_compiles_without_recompiling(tmp_path: Path) -> None
     assert data["no_recompilation"] and data["rel_l2_err"] == 0.0
 
 
+def test_bench_host_ram_keeps_fp8_originals_out_of_ram_with_disk(tmp_path: Path) -> None:
+    """One double- and one single-stream block at full width (about 1.3 GiB in bf16), on the CPU."""
+    proc = _run(["benchmarks/bench_host_ram.py", "--double", "1", "--single", "1", "--device", "cpu",
+                 "--offload-dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["originals"]: r for r in json.loads((tmp_path / "host_ram.json").read_text())["results"]}
+    assert "error" not in rows["ram"] and "error" not in rows["disk"], rows
+    ram, disk = rows["ram"], rows["disk"]
+    weights = ram["weights_gib"]
+    # Kept in RAM, the bf16 originals stay beside the fp8 copy; in the file, they leave RAM.
+    assert disk["rss_after_apply_gib"] < ram["rss_after_apply_gib"] - 0.7 * weights
+    assert disk["peak_rss_gib"] < ram["peak_rss_gib"]
+    # Either way the restore ends where it started, without a second copy of the weights on the way.
+    for r in (ram, disk):
+        assert abs(r["rss_after_restore_gib"] - r["rss_before_gib"]) < 0.3 * weights  # allocator slack
+        assert r["restore_peak_rss_gib"] < r["rss_before_gib"] + 0.8 * weights
+    assert not list(tmp_path.glob("*.vramkit-offload*"))
+
+
 def test_committed_results_render() -> None:
     proc = subprocess.run([sys.executable, "benchmarks/render_tables.py"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
