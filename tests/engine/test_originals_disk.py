@@ -270,3 +270,36 @@ def test_restore_reads_the_originals_from_the_file_not_through_its_mapping(tmp_p
     assert len(reads) == n_originals
     assert_same_as(model, snap)
     assert not list(tmp_path.glob(f"*{OFFLOAD_SUFFIX}"))
+
+
+@pytest.mark.parametrize("originals", ["ram", "disk"])
+def test_a_restore_that_fails_midway_can_be_retried(tmp_path, monkeypatch, originals) -> None:
+    import vramkit.engine.streamer as streamer_mod
+
+    model = build_flux(dtype=torch.bfloat16, num_layers=2, num_single_layers=2)
+    snap = snapshot(model)
+    s = enable_block_streaming(
+        model,
+        resident=1,
+        storage="fp8",
+        device="cpu",
+        copier=SyncCopier(),
+        originals=originals,
+        offload_folder=tmp_path,
+    )
+    real_assign = streamer_mod._assign
+    calls = []
+
+    def failing_assign(owners, kind, value):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure while restoring")
+        real_assign(owners, kind, value)
+
+    monkeypatch.setattr(streamer_mod, "_assign", failing_assign)
+    with pytest.raises(RuntimeError, match="simulated"):
+        s.restore()
+    monkeypatch.setattr(streamer_mod, "_assign", real_assign)
+    s.restore()
+    assert_same_as(model, snap)
+    assert_no_hooks(model)

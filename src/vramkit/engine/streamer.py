@@ -480,13 +480,14 @@ class BlockStreamer:
     ) -> torch.Tensor:
         """The kept original value of an encoded entry, as a tensor of its own on ``device``.
 
-        Kept in host memory, it *is* the original storage: handed back as it is (and forgotten here),
-        so a restore never holds two copies of the originals. Kept in the offload file, it is read
-        into a new tensor with plain reads (never a view: the file is deleted next), so the file's
-        pages do not count in RSS beside the restored weights."""
+        Kept in host memory, it *is* the original storage: handed back as it is (and forgotten once
+        its block is restored), so a restore never holds two copies of the originals. Kept in the
+        offload file, it is read into a new tensor with plain reads (never a view: the file is
+        deleted next), so the file's pages do not count in RSS beside the restored weights."""
         kept = self._retained.get(pos)
         if kept is not None and name in kept:
-            value = kept.pop(name)
+            # Not forgotten yet: a restore that fails midway must still find it when retried.
+            value = kept[name]
             if value.device == device and value.dtype == dtype and tuple(value.shape) == tuple(shape):
                 return value
             return value.to(device=device, dtype=dtype)
@@ -782,6 +783,8 @@ class BlockStreamer:
             else:
                 value = self._take_original(pos, e.name, e.shape, e.dtype, device)
             _assign(owners, kind, value)
+        # The block has its weights back: its kept originals are now the parameters' own storage.
+        self._retained.pop(pos, None)
 
     def _remove_hooks(self) -> None:
         for module, name, had_registry, had_forward in reversed(self._hooked):

@@ -5,10 +5,14 @@ A *family* fixes the storage format of the transformer (and ControlNet), where i
 block-streamed, model-offloaded; or everything sequentially offloaded), where its streamed blocks
 live on the host (RAM, or a memory-mapped offload file on disk when the weights do not fit the RAM
 budget) and where the text encoders live (resident, released between prompts by ``PromptCache``,
-T5 block-streamed from RAM or from disk). Within a family the
-search tries every count of resident blocks, and for each picks the fastest VAE decode option
-(plain, ``VaeSlicing``, ``VaeTiling``) and attention chunk that fit. Options only get added as the
-budget grows, so more VRAM never gives a slower plan.
+T5 block-streamed from RAM or from disk) and whether streamed blocks go as whole blocks or by parts.
+Within a family the search tries every count of resident blocks (by parts: every fourth count of
+resident parts, then every count between two tried counts bounded differently, e.g. one over the
+RAM and the next over the VRAM, and every count next to the best, or to the closest when none
+fits), and for each picks the fastest VAE decode option (plain, ``VaeSlicing``, ``VaeTiling``) and
+attention chunk that fit. Options only get added as the budget grows, so more VRAM should never
+give a slower plan (exactly so for whole blocks; by parts the strided search is checked against an
+exhaustive one in the tests).
 
 Blocks streamed from RAM in fp8/int8 (or cast) keep the original values of their re-encoded weights
 for an exact restore: in host RAM (``BlockStreaming(originals="ram")``, fastest to apply and
@@ -450,19 +454,15 @@ def _int8_backend_available() -> bool:
     return importlib.util.find_spec("torchao") is not None
 
 
-def _resident_counts(ctx: _Ctx, fam: Family, stride: int = 1, around: int | None = None) -> list[tuple[int, int]]:
+def _resident_counts(ctx: _Ctx, fam: Family, stride: int = 1) -> list[tuple[int, int]]:
     """``(transformer, controlnet)`` resident unit counts to try for a streamed family: every
-    ``stride``-th total (always including 0 and the top), or with ``around`` the totals within
-    ``stride`` of it."""
+    ``stride``-th total (always including 0 and the top)."""
     if fam.place != "stream":
         return [(0, 0)]
     n_t = ctx.n_blocks("transformer", fam.fmt, fam.unit)
     n_c = ctx.n_blocks("controlnet", fam.fmt, fam.unit) if ctx.cn is not None else 0
     top = n_t + n_c if fam.fmt in ("fp8", "int8", "bf16") else n_t + n_c - 1
-    if around is None:
-        totals = sorted(set(range(0, top + 1, stride)) | {top})
-    else:
-        totals = [t for t in range(around - stride + 1, around + stride) if 0 <= t <= top]
+    totals = sorted(set(range(0, top + 1, stride)) | {top})
     out = []
     for total in totals:
         r_c = min(total, n_c)
@@ -898,12 +898,19 @@ def _run(ctx: _Ctx, families: list[Family] | None = None) -> SearchResult:
         fam_best: Candidate | None = None
         fam_closest: Candidate | None = None
         # Parts are many (FLUX.1-dev: 247 for 57 blocks): every _PART_STRIDE-th count first, then
-        # every count next to the best one that fits.
+        # every count of each interval whose ends differ in what limits them (fits, over VRAM, over
+        # RAM, over disk: a narrow window that fits can lie between two counts that do not), and
+        # every count next to the best (or, when none fits, the closest).
         stride = _PART_STRIDE if fam.unit == "part" else 1
-        passes = [_resident_counts(ctx, fam, stride)]
-        while passes:
-            for r_t, r_c in passes.pop():
+        sampled: dict[int, Candidate] = {}
+        todo = _resident_counts(ctx, fam, stride)
+        while todo:
+            for r_t, r_c in todo:
+                total = r_t + r_c
+                if total in sampled:
+                    continue
                 cand = _evaluate(ctx, fam, r_t, r_c, vae_opts, chunks)
+                sampled[total] = cand
                 evaluated += 1
                 # A plan that needs more disk than the offload folder has is no answer at any VRAM or RAM.
                 disk_ok = _disk_over(cand, budget) == 0
@@ -916,8 +923,9 @@ def _run(ctx: _Ctx, families: list[Family] | None = None) -> SearchResult:
                         fam_best = cand
                 elif fam_closest is None or _overage(cand, budget) < _overage(fam_closest, budget):
                     fam_closest = cand
-            if stride > 1 and fam_best is not None:
-                passes.append(_resident_counts(ctx, fam, stride, around=fam_best.r_t + fam_best.r_c))
+            todo = []
+            if stride > 1:
+                todo = _refinements(ctx, fam, stride, sampled, fam_best or fam_closest, budget)
                 stride = 1
         chosen = fam_best or fam_closest
         if chosen is not None:
@@ -926,6 +934,34 @@ def _run(ctx: _Ctx, families: list[Family] | None = None) -> SearchResult:
             if best is None or fam_best.key() < best.key():
                 best = fam_best
     return SearchResult(best, by_family, minimum_vram, minimum_ram, None, evaluated, ctx)
+
+
+def _limits(c: Candidate, budget: Budget) -> tuple[bool, bool, bool, bool]:
+    """What bounds a candidate: whether it fits, and whether it is over the VRAM, RAM or disk."""
+    return (c.fits, c.peak_vram > budget.vram, c.ram > budget.ram, _disk_over(c, budget) > 0)
+
+
+def _refinements(
+    ctx: _Ctx,
+    fam: Family,
+    stride: int,
+    sampled: dict[int, Candidate],
+    anchor: Candidate | None,
+    budget: Budget,
+) -> list[tuple[int, int]]:
+    """The resident counts to evaluate after a strided pass over ``sampled`` (total -> candidate):
+    those strictly inside each interval whose ends are bounded differently, and those within
+    ``stride`` of ``anchor`` (the best that fits, else the closest)."""
+    by_total = {r_t + r_c: (r_t, r_c) for r_t, r_c in _resident_counts(ctx, fam)}
+    wanted: set[int] = set()
+    totals = sorted(sampled)
+    for lo, hi in zip(totals, totals[1:]):
+        if _limits(sampled[lo], budget) != _limits(sampled[hi], budget):
+            wanted.update(range(lo + 1, hi))
+    if anchor is not None:
+        centre = anchor.r_t + anchor.r_c
+        wanted.update(range(centre - stride + 1, centre + stride))
+    return [by_total[t] for t in sorted(wanted) if t in by_total and t not in sampled]
 
 
 def _overage(c: Candidate, budget: Budget) -> float:
