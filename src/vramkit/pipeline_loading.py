@@ -348,7 +348,8 @@ def _choose_plan(
     if strategies is not None:
         the_plan = api.plan_from_strategies(pipe, strategies)
     else:
-        the_plan = api._per_component(pipe, plan_pipeline(pipe, **request))
+        # The plan's offload files go to offload_folder: its disk's free space is what bounds them.
+        the_plan = api._per_component(pipe, plan_pipeline(pipe, offload_folder=offload_folder, **request))
     steps = []
     for step in the_plan.steps:
         strategy = step.strategy

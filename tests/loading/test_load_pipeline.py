@@ -115,6 +115,24 @@ def test_planned_load_on_cpu_is_bit_identical(saved, reference, tmp_path) -> Non
     assert torch.equal(_run(pipe), reference)
 
 
+def test_load_plans_with_the_free_disk_of_its_offload_folder(saved, tmp_path, monkeypatch) -> None:
+    import vramkit.planner as planner
+
+    seen = {}
+    real = planner.plan_pipeline
+
+    def recording(pipe, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(kwargs)
+        return real(pipe, **kwargs)
+
+    monkeypatch.setattr(planner, "plan_pipeline", recording)
+    offload = tmp_path / "off"
+    pipe = vramkit.load(saved, vram="8GiB", ram="64GiB", quality="lossless", device="cpu", height=32, width=32,
+                        offload_folder=offload)
+    assert seen["offload_folder"] == offload
+    vramkit.restore(pipe)
+
+
 def test_load_without_a_plan_equals_from_pretrained(saved, reference) -> None:
     pipe = vramkit.load(saved, strategies=[])
     assert isinstance(pipe, FluxPipeline)

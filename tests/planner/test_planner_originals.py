@@ -177,6 +177,25 @@ def test_a_probe_without_a_gpu_gives_no_disk_figure():
     assert b.disk_free is None
 
 
+def test_the_free_disk_is_read_in_the_offload_folder_given(tmp_path, monkeypatch):
+    """vramkit.load(offload_folder=...) writes there: that folder's disk bounds the plan, not the
+    default folder's."""
+    gpu = DeviceProbe("cuda:0", "Test GPU", 24 * GiB, 20 * GiB, 64 * GiB, 48 * GiB, 24 * GiB, 25e9, "assumed",
+                      offload_free=5 * GiB)
+    b, _ = budget_for(gpu, vram="8GiB")
+    assert b.disk_free == 5 * GiB
+    asked = []
+
+    def fake_free(folder):  # type: ignore[no-untyped-def]
+        asked.append(folder)
+        return 123 * GiB
+
+    monkeypatch.setattr("vramkit.planner.offload_free_bytes", fake_free)
+    b, notes = budget_for(gpu, vram="8GiB", offload_folder=tmp_path)
+    assert b.disk_free == 123 * GiB and asked == [tmp_path]
+    assert any(str(tmp_path) in n for n in notes)
+
+
 @pytest.mark.parametrize(
     "devices",
     [{"cuda:0": 8 * GiB, "cuda:1": 8 * GiB}, {"cuda:0": 6 * GiB, "cuda:1": 6 * GiB}, {"cuda:0": 12 * GiB}],

@@ -13,6 +13,7 @@ come from :class:`~vramkit.memory.calibration.Calibration`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from ..errors import InvalidBudgetError, InvalidRequestError
 from ..memory.budget import device_key, format_bytes, parse_bandwidth, parse_budget, parse_device_budgets
 from ..memory.calibration import Calibration
-from ..memory.probe import PINNED_FRACTION, DeviceProbe, probe
+from ..memory.probe import PINNED_FRACTION, DeviceProbe, offload_free_bytes, probe
 from ..plan import Plan
 from .search import QUALITIES, search
 from .spec import Budget, ComponentSpec, PipelineSpec, Request, spec_from_model, spec_from_modules, validate_size
@@ -67,6 +68,7 @@ def budget_for(
     extra_ram: int = 0,
     extra_vram: int = 0,
     disk_bandwidth: float | str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[Budget, list[str]]:
     """The :class:`Budget` for a probe and optional explicit ``vram``/``ram``/``bandwidth``.
 
@@ -75,8 +77,9 @@ def budget_for(
     ``extra_ram`` (memory this process already holds that the plan accounts for, such as the
     pipeline's weights in host RAM); pinnable = 55% of the RAM budget; bandwidth = the probe's;
     ``disk_bandwidth`` (read + copy rate of blocks streamed from an offload file) = the calibration's
-    assumed default unless given; free disk space in the offload folder = the probe's, when the probe
-    has a GPU (a probe without one stands for this machine while the plan is for another).
+    assumed default unless given; free disk space in the offload folder (``offload_folder``, default
+    the probe's default folder) when the probe has a GPU (a probe without one stands for this machine
+    while the plan is for another).
     """
     notes: list[str] = []
     if vram is None:
@@ -125,9 +128,12 @@ def budget_for(
     if disk_bw is not None:
         notes.append(f"disk read + copy bandwidth {disk_bw / 1e9:.1f} GB/s (given)")
     device = found.device.split(":")[0] if found.is_gpu else "cuda"
-    disk_free = found.offload_free if found.is_gpu else None
+    disk_free = None
+    if found.is_gpu:
+        disk_free = found.offload_free if offload_folder is None else offload_free_bytes(offload_folder)
     if disk_free is not None:
-        notes.append(f"offload folder: {format_bytes(disk_free)} free on its disk")
+        where = f" ({os.fspath(offload_folder)})" if offload_folder is not None else ""
+        notes.append(f"offload folder{where}: {format_bytes(disk_free)} free on its disk")
     budget = Budget(
         vram=vram_b,
         ram=ram_b,
@@ -159,6 +165,7 @@ def budget_for_devices(
     visible: int | None = None,
     host: DeviceProbe | None = None,
     disk_bandwidth: float | str | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[Budget, list[str]]:
     """The :class:`Budget` for several devices: ``vram`` maps devices to budgets (``{"cuda:0":
     "12GiB", 1: "80%"}``); without it, every probed device gives what is free on it (plus what the
@@ -200,6 +207,7 @@ def budget_for_devices(
         bandwidth=bandwidth,
         extra_ram=extra_ram,
         disk_bandwidth=disk_bandwidth,
+        offload_folder=offload_folder,
     )
     linked = [by_name[d].h2d_bandwidth for d in per if d in by_name and by_name[d].is_gpu]
     if bandwidth is None and len(linked) > 1 and min(linked) < budget.bandwidth:
@@ -412,6 +420,7 @@ def plan_pipeline(
     calibration: Calibration | None = None,
     disk_bandwidth: float | str | None = None,
     compile: bool = False,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> Plan:
     """The fastest plan for ``pipe`` and this request, without changing the pipeline.
 
@@ -422,6 +431,8 @@ def plan_pipeline(
     ``disk_bandwidth``: read + copy rate of blocks streamed from disk when the weights do not fit
     the RAM budget (default: the calibration's assumed figure). ``compile=True``: also compile the
     transformer's repeated blocks, in the mode the placement allows (the plan says which and why).
+    ``offload_folder``: the folder offload files will go to (default: ``$VRAMKIT_OFFLOAD_DIR`` or
+    vramkit's cache), whose free disk space bounds what a plan may write there.
 
     Several GPUs: ``vram`` may map devices to budgets (``{"cuda:0": "12GiB", "cuda:1": "12GiB"}``,
     keys also ``0``/``1`` or ``torch.device``); with no ``vram`` and no ``device`` on a machine with
@@ -461,6 +472,7 @@ def plan_pipeline(
             visible=torch.cuda.device_count() if torch.cuda.is_available() else None,
             host=found,
             disk_bandwidth=disk_bandwidth,
+            offload_folder=offload_folder,
         )
         record = _request_record(spec, req, budget, quality)
         plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes, parts=not compile)
@@ -475,6 +487,7 @@ def plan_pipeline(
         extra_ram=_process_rss() if ram is None else 0,
         extra_vram=_bytes_on(modules, found.device) if (vram is None and found.is_gpu) else 0,
         disk_bandwidth=disk_bandwidth,
+        offload_folder=offload_folder,
     )
     if ram is None:
         notes.append(f"the pipeline holds {format_bytes(_bytes_on(modules, 'cpu'))} in host RAM now")
