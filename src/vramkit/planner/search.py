@@ -1350,7 +1350,9 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
 def _raw_streamed(ctx: _Ctx, name: str, r: int, unit: str = "block") -> int:
     comp = ctx.spec.get(name)
     assert comp is not None
-    return ctx.geo(comp, "loaded", r, unit).streamed if ctx.can_stream(comp, "loaded") else 0
+    if not ctx.can_stream(comp, "loaded") or comp.stream is None or unit not in comp.stream.units(None):
+        return 0
+    return ctx.geo(comp, "loaded", r, unit).streamed
 
 
 def _lossless_comparison(res: SearchResult, cand: Candidate) -> str:
