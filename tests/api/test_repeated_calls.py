@@ -1,5 +1,5 @@
-"""Twenty calls in a row: no growth in process RSS beyond a stated tolerance, and later calls are
-not slower than the first (CPU; the GPU run checks allocated/reserved/pinned memory too)."""
+"""Twenty calls in a row: no growth in process RSS beyond a stated tolerance, and the last calls are
+not slower than the first ones (CPU; the GPU run checks allocated/reserved/pinned memory too)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,10 @@ def test_twenty_calls_do_not_grow_memory_or_slow_down(kind):
     gc.collect()
     growth = process.memory_info().rss - rss_before
     assert growth < RSS_TOLERANCE, f"RSS grew by {growth / 2**20:.1f} MiB over 20 calls"
-    assert statistics.median(times) <= first * 1.1 + 0.005, (first, statistics.median(times))
+    # Not slowing down: the last calls take about what the first measured ones did (a growing chain
+    # of hooks or caches would show as a trend). Medians of five, with room for a shared 2-core
+    # machine's noise; the uncached first call is no reference (it encodes the prompt).
+    early, late = statistics.median(times[:5]), statistics.median(times[-5:])
+    assert late <= early * 1.5 + 0.01, (first, early, late)
     assert pipe.encode_prompt.misses == 1  # the prompt cache did its job 23 times
     vramkit.restore(pipe)
