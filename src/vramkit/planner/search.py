@@ -58,7 +58,7 @@ _TILES = (1024, 768, 512, 256)
 _CHUNKS = (4096, 2048, 1024, 512, 256)
 _STORAGE_OF = {"loaded": None, "bf16": "bf16", "fp8": "fp8", "int8": "int8"}
 _PREFETCH = 1
-#: Resident counts tried first for a family streamed by parts (then every count near the best).
+#: Every how many resident counts a family streamed by parts is first tried (then refined, see _run).
 _PART_STRIDE = 4
 #: A plan's peak host RAM should stay within this multiple of the RAM the pipeline's weights take
 #: (optimizing must not grow host RAM by more than 10 %): past it, streamed blocks in fp8/int8 keep
@@ -865,7 +865,7 @@ def _evaluate(
             f"{format_bytes(budget.ram)} budget)"
             + (f": {info['originals_why_ram']}" if info.get("originals_why_ram") else "")
         )
-    if budget.disk_free is not None and disk_need > budget.disk_free:
+    if _disk_over(cand, budget):
         problems.append(
             f"needs {format_bytes(disk_need)} in the offload folder ({format_bytes(budget.disk_free)} free on its disk)"
         )
@@ -1158,10 +1158,6 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                         + (f" (incl. {info['decode_s']:.3f} s decoding {storage})" if info["decode_s"] else "")
                         + f"; {binding}."
                     )
-                    if storage is not None:
-                        originals = _originals_reason(ctx, cand, name, g, storage)
-                        if originals:
-                            text = text.rstrip(".") + originals + "."
                 else:
                     text += (
                         f". Per step: copy {_gb(info['stream_bytes'])} at {bw} = {copy_s:.3f} s overlapped with "
@@ -1170,10 +1166,11 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                         + f" -> {cand.step_seconds / ctx.passes:.3f} s; {binding}, so more resident {fam.unit}s"
                         + " do not fit."
                     )
-                    if storage is not None:
-                        originals = _originals_reason(ctx, cand, name, g, storage)
-                        if originals:
-                            text = text.rstrip(".") + originals + "."
+                # Where the originals of re-encoded weights wait for restore (nothing said from disk,
+                # where the offload file holds them anyway).
+                originals = _originals_reason(ctx, cand, name, g, storage) if storage is not None else ""
+                if originals:
+                    text = text.rstrip(".") + originals + "."
                 if lossless_alt:
                     text += " " + lossless_alt
                 if info.get("park"):
