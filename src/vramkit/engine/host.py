@@ -13,15 +13,25 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+import weakref
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
 from ..errors import InvalidRequestError
-from ..memory.probe import default_offload_folder
+from ..memory.probe import OFFLOAD_SUFFIX, default_offload_folder, stale_offload_files
 
-__all__ = ["HostBuffer", "OffloadFile", "FileBlock", "PIN_METHODS", "default_offload_folder", "OFFLOAD_SUFFIX"]
+__all__ = [
+    "HostBuffer",
+    "OffloadFile",
+    "FileBlock",
+    "PIN_METHODS",
+    "default_offload_folder",
+    "OFFLOAD_SUFFIX",
+    "stale_offload_files",
+    "remove_stale_offload_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +116,6 @@ class HostBuffer:
         self.nbytes = 0
 
 
-#: Suffix of the offload files vramkit writes (so a stray one is easy to recognise and delete).
-OFFLOAD_SUFFIX = ".vramkit-offload"
-
-
 class FileBlock:
     """One packed block inside a mapped :class:`OffloadFile`: the same interface as
     :class:`HostBuffer` (``tensor``, ``nbytes``, ``pinned``, ``release``). Never pinned."""
@@ -135,6 +141,13 @@ class OffloadFile:
     not anonymous memory. :meth:`close` drops the mapping and deletes the file (and the folder, if
     this object created it and it is empty). Tensors still viewing the mapping keep it alive, but
     the file name is gone.
+
+    The file is deleted even when nobody calls :meth:`close`: when this object is garbage-collected
+    or the interpreter exits (a script that ends without ``vramkit.restore`` would otherwise leave
+    tens of GB behind, and the next plan would find that much less free disk). A process that is
+    killed cannot clean up, so the file is held under a shared ``flock`` for its lifetime: a file
+    nobody holds is stale, and creating a new :class:`OffloadFile` deletes the stale ones in its
+    folder (:func:`remove_stale_offload_files`).
     """
 
     def __init__(self, folder: str | os.PathLike[str], stem: str) -> None:
@@ -152,16 +165,23 @@ class OffloadFile:
                 "directory on a local disk."
             ) from None
         self._created = list(reversed(created))
+        remove_stale_offload_files(self.folder)
         self.path = self.folder / f"{stem}-{uuid.uuid4().hex[:12]}{OFFLOAD_SUFFIX}"
         try:
-            self._fh: BinaryIO | None = open(self.path, "xb")  # noqa: SIM115 - written across calls, closed in map()/close()
+            lock_fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         except OSError as exc:
             raise InvalidRequestError(
                 f"cannot write to the offload folder {self.folder} ({exc}); pass offload_folder= a writable "
                 "directory on a local disk."
             ) from None
+        _hold(lock_fd, self.path)
+        # The writer gets its own descriptor of the same open file: closing it after writing keeps
+        # the lock, which belongs to lock_fd until the file is deleted.
+        self._fh: BinaryIO | None = os.fdopen(os.dup(lock_fd), "wb")
         self.size = 0
         self._mapping: torch.Tensor | None = None
+        # Runs once: from close(), when this object is collected, or at interpreter exit.
+        self._finalizer = weakref.finalize(self, _delete_offload_file, self.path, lock_fd, tuple(self._created))
 
     @property
     def mapped(self) -> bool:
@@ -227,14 +247,54 @@ class OffloadFile:
             self._fh.close()
             self._fh = None
         self._mapping = None
+        self._finalizer()
+
+
+def _hold(fd: int, path: Path) -> None:
+    """Take a shared ``flock`` on ``fd`` for as long as it is open: the mark that the file is in use
+    (see :func:`stale_offload_files`). Without ``flock`` (Windows) or where it is refused (some
+    network file systems) the file is simply never called stale."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        logger.debug("no flock on %s (%s): it will not be recognised as in use", path, exc)
+
+
+def _delete_offload_file(path: Path, lock_fd: int, created: tuple[Path, ...]) -> None:
+    # A module-level function: a finalizer must not hold a reference to the object it finalizes.
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("could not delete the offload file %s (%s); delete it by hand", path, exc)
+    try:
+        os.close(lock_fd)
+    except OSError:
+        pass
+    for folder in reversed(created):
         try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+            folder.rmdir()
+        except OSError:
+            break  # not empty (another streamer's file) or gone: leave it
+
+
+def remove_stale_offload_files(folder: str | os.PathLike[str] | None = None) -> int:
+    """Delete :func:`stale_offload_files` in ``folder``; the number of bytes freed."""
+    freed = 0
+    for path in stale_offload_files(folder):
+        try:
+            size = path.stat().st_size
+            path.unlink()
         except OSError as exc:
-            logger.warning("could not delete the offload file %s (%s); delete it by hand", self.path, exc)
-        for folder in reversed(self._created):
-            try:
-                folder.rmdir()
-            except OSError:
-                break  # not empty (another streamer's file) or gone: leave it
+            logger.warning("could not delete the stale offload file %s (%s); delete it by hand", path, exc)
+            continue
+        freed += size
+        logger.info(
+            "deleted a stale offload file %s (%.2f GB) left by a process that did not exit cleanly", path, size / 1e9
+        )
+    return freed

@@ -30,6 +30,8 @@ __all__ = [
     "cache_dir",
     "default_offload_folder",
     "offload_free_bytes",
+    "stale_offload_files",
+    "OFFLOAD_SUFFIX",
     "ASSUMED_BANDWIDTH",
     "PINNED_FRACTION",
 ]
@@ -111,19 +113,74 @@ def default_offload_folder() -> Path:
     return cache_dir() / "offload"
 
 
+#: Suffix of the offload files vramkit writes (so a stray one is easy to recognise and delete).
+OFFLOAD_SUFFIX = ".vramkit-offload"
+#: An offload file written to this recently is never called stale (see :func:`stale_offload_files`).
+_STALE_AFTER_S = 60.0
+
+
+def stale_offload_files(folder: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The offload files in ``folder`` (default :func:`default_offload_folder`) that no live process
+    holds: left behind by a process that was killed before it could delete them. A file is in use
+    while its writer holds a shared ``flock`` on it; a file whose lock can be taken exclusively, and
+    that was not written to in the last minute, is stale. Empty where ``flock`` is unavailable
+    (nothing can be proven stale)."""
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    root = Path(folder) if folder is not None else default_offload_folder()
+    try:
+        candidates = sorted(root.glob(f"*{OFFLOAD_SUFFIX}"))
+    except OSError:
+        return []
+    stale: list[Path] = []
+    now = time.time()
+    for path in candidates:
+        try:
+            if now - path.stat().st_mtime < _STALE_AFTER_S:
+                continue  # just created: its writer may not hold the lock yet
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: in use by a live process (this one or another)
+        else:
+            stale.append(path)
+        finally:
+            os.close(fd)  # closing drops the probe's lock too
+    return stale
+
+
 def offload_free_bytes(folder: str | os.PathLike[str] | None = None) -> int | None:
     """Free bytes on the disk that holds ``folder`` (default :func:`default_offload_folder`), read
     at its nearest existing parent (the folder is created only when something is written); ``None``
     when it cannot be read."""
-    probe_at = Path(folder) if folder is not None else default_offload_folder()
-    probe_at = probe_at.absolute()
+    folder_path = (Path(folder) if folder is not None else default_offload_folder()).absolute()
+    probe_at = folder_path
     while not probe_at.exists() and probe_at != probe_at.parent:
         probe_at = probe_at.parent
     try:
-        return int(shutil.disk_usage(probe_at).free)
+        free = int(shutil.disk_usage(probe_at).free)
     except OSError as exc:
         logger.debug("free space of the offload folder %s not readable: %s", probe_at, exc)
         return None
+    # Files left by a killed process are deleted before the next one is written: count them as free.
+    stale = 0
+    for path in stale_offload_files(folder_path):
+        try:
+            stale += path.stat().st_size
+        except OSError:
+            continue
+    if stale:
+        logger.info(
+            "%.2f GB of stale offload files in %s count as free: they are deleted before vramkit writes the next one",
+            stale / 1e9,
+            folder_path,
+        )
+    return free + stale
 
 
 def _read_int(path: Path) -> int | None:
