@@ -12,8 +12,11 @@ Peers (``--configs ...,diffusers-mm,diffusers-dynamic-offloader,mmgp,mmgp-int8``
 Each configuration builds the full-size FLUX.1-dev pipeline (T5-XXL, CLIP-L, transformer, VAE) with
 random bf16 weights on the GPU, moves it to host RAM, allocates a ballast so that
 ``torch.cuda.mem_get_info()`` reports exactly the budget as free (any overshoot is a real CUDA OOM),
-applies the option, and times a 2-step and an N-step call: s/step is their difference over N-2
-steps, s/image is extrapolated to 28 steps. Peak VRAM is ``max_memory_allocated`` minus the ballast,
+applies the option, and times a 2-step and an N-step call. s/step is the median gap between the
+ends of consecutive steps of the N-step call (CUDA events recorded from ``callback_on_step_end``:
+steady-state steps, free of per-call costs); s/image is the N-step call plus 28-N steps at that
+rate. The difference of the two calls over N-2 steps (what results before 2026-12-06 report as
+s/step) is kept as ``seconds_per_step_difference``. Peak VRAM is ``max_memory_allocated`` minus the ballast,
 peak host RAM the process RSS sampled every 50 ms. ``--tiny`` runs the same harness on the tiny CPU
 pipeline (to check the harness, not to measure). Writes ``$OUT/pipeline_<size>.json`` and prints a table.
 """
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -163,12 +167,41 @@ def streamed_bytes(plan: Any) -> int:
     return int(layout.streamed_nbytes)
 
 
-def call(pipe: Any, steps: int, tiny: bool) -> float:
+class StepClock:
+    """When each denoising step ends, from ``callback_on_step_end``: a CUDA event recorded on the
+    current stream (no host synchronization, so streaming engines keep running ahead), or a host
+    timestamp on CPU. The gaps between consecutive step ends are the steady-state step times,
+    free of the per-call costs (text encoding, decode, an option's own per-call set-up) that a
+    difference of two calls mixes in."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[Any] = []
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+        return callback_kwargs
+
+    def gaps(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def call(pipe: Any, steps: int, tiny: bool, clock: StepClock | None = None) -> float:
     kwargs: dict[str, Any] = dict(prompt="a red fox in the snow", num_inference_steps=steps, guidance_scale=3.5,
                                   height=ARGS.size, width=ARGS.size, output_type="pt",
                                   generator=torch.Generator("cpu").manual_seed(0))
     if tiny:
         kwargs.update(max_sequence_length=16)
+    if clock is not None:
+        kwargs["callback_on_step_end"] = clock
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -211,12 +244,22 @@ def run_one(config: str, budget_gib: float) -> dict[str, Any]:
             call(pipe, 2, tiny)  # warm-up (first-call costs: cuDNN autotune, pinning, lazy init)
             graphs_before = _graphs_compiled()
             t_lo = call(pipe, 2, tiny)
-            t_hi = call(pipe, ARGS.steps, tiny)
+            clock = StepClock(device == "cuda")
+            t_hi = call(pipe, ARGS.steps, tiny, clock)
             # Graphs compiled after the warm-up call: 0 unless something recompiles per call or step.
             result["graphs_compiled_while_measuring"] = _graphs_compiled() - graphs_before
-            per_step = (t_hi - t_lo) / (ARGS.steps - 2)
+            difference = (t_hi - t_lo) / (ARGS.steps - 2)
+            gaps = clock.gaps()
+            # The median step gap when the pipeline called back every step; else the difference of
+            # the two calls (what results before 2026-12-06 used: fragile where per-call costs vary).
+            per_step = statistics.median(gaps) if len(gaps) >= 2 else difference
             result.update(status="ok", seconds_2_steps=t_lo, seconds_n_steps=t_hi, n_steps=ARGS.steps,
-                          seconds_per_step=per_step, seconds_per_image_28=t_lo + 26 * per_step)
+                          step_seconds=gaps, seconds_per_step_difference=difference,
+                          step_timing="step events" if len(gaps) >= 2 else "difference",
+                          seconds_per_step=per_step,
+                          # The N-step call as measured (every per-call cost included) plus the
+                          # remaining steps at the steady rate.
+                          seconds_per_image_28=t_hi + (28 - ARGS.steps) * per_step)
         except torch.OutOfMemoryError as exc:
             result.update(status="OOM", error=str(exc).splitlines()[0][:300])
         except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on

@@ -73,6 +73,15 @@ def _builtin(config: str) -> bool:
     return config.startswith(_BUILTINS)
 
 
+def _timing_text(results: list[dict[str, Any]]) -> str:
+    if any(r.get("step_timing") == "step events" for r in results):
+        return ("s/step is the median gap between consecutive step ends of an N-step call (CUDA events from "
+                "callback_on_step_end); s/image is that call plus the remaining steps to 28 at that rate (text "
+                "encoding, VAE decode and every per-call cost included). ")
+    return ("s/step from the difference of a 2-step and an N-step call; s/image extrapolated to 28 steps (text "
+            "encoding and VAE decode included). ")
+
+
 def pipeline(data: dict[str, Any]) -> list[str]:
     env = data["environment"]
     out = [
@@ -81,8 +90,8 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         "",
         f"Command: `{env['command']}`; code: {data.get('code_state', 'not recorded')}. "
         + (f"Note: {data['note']}. " if data.get("note") else "")
-        + "s/step from the difference of a 2-step and an N-step call; s/image "
-        "extrapolated to 28 steps (text encoding and VAE decode included). Peaks exclude the ballast. "
+        + _timing_text(data["results"])
+        + "Peaks exclude the ballast. "
         "'planned for' is the VRAM the planner used after its safety margin: where it is far below the budget, "
         "the run predates the fix that made the margin a share of the free memory rather than of the device. "
         "'predicted allocated' is the recorded prediction less the planner's allocator reserve (5% + 384 MiB), "
@@ -275,6 +284,9 @@ def main() -> int:
         ("pipeline_1024_12gib_h200.json", pipeline),
         ("pipeline_1024_8gib_h100.json", pipeline),
         ("pipeline_1024_parts_h100.json", pipeline),
+        ("pipeline_1024_8gib_parts_h100.json", pipeline),
+        ("pipeline_1024_12gib_h100.json", pipeline),
+        ("pipeline_512_8gib_h100.json", pipeline),
         ("pipeline_1024_8gib_compile_h200.json", pipeline),
         ("pipeline_512_8gib_partial_h200.json", pipeline),
         ("pipeline_1024_h200.json", pipeline),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,16 @@ def test_committed_results_render() -> None:
     assert "Predicted vs measured peak VRAM: flux-dev" in proc.stdout
     committed = (ROOT / "benchmarks" / "results" / "TABLES.md").read_text()
     assert committed == proc.stdout, "benchmarks/results/TABLES.md is stale: run benchmarks/render_tables.py"
+
+
+def test_bench_pipeline_tiny_times_steps_from_step_events(tmp_path: Path) -> None:
+    proc = _run(["benchmarks/bench_pipeline.py", "--tiny", "--budgets", "8", "--configs", "vramkit",
+                 "--steps", "5", "--no-reference"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "pipeline_1024_tiny.json").read_text())["results"]
+    assert row["status"] == "ok", row.get("error")
+    # One gap between each pair of consecutive step ends of the 5-step call.
+    assert row["step_timing"] == "step events" and len(row["step_seconds"]) == 4
+    assert all(g > 0 for g in row["step_seconds"])
+    assert row["seconds_per_step"] == statistics.median(row["step_seconds"])
+    assert row["seconds_per_image_28"] > row["seconds_n_steps"]
