@@ -223,3 +223,33 @@ def test_plans_on_one_or_two_gpus_keep_originals_in_ram_only_within_the_bound(sp
         assert peak + retained > RAM_BOUND * weights and peak <= RAM_BOUND * weights
     if len(devices) > 1 and any("T5 block-streamed on" in n for n in plan.notes):
         assert step.strategy.originals == "disk"
+
+
+def test_a_replan_counts_the_pipelines_own_offload_files_as_free(tmp_path):
+    """Re-planning a streamed pipeline (another optimize, OOM recovery) undoes the old plan first,
+    which deletes its offload files: their bytes are free for the new plan."""
+    import torch
+
+    from vramkit.engine import SyncCopier, enable_block_streaming
+    from vramkit.planner import _offload_bytes_held
+    from vramkit.testing._components import tiny_transformer
+
+    model = tiny_transformer(0).to(torch.bfloat16)
+    modules = {"transformer": model}
+    assert _offload_bytes_held(modules, tmp_path) == 0
+    s = enable_block_streaming(model, resident=0, storage="fp8", device="cpu", copier=SyncCopier(),
+                               originals="disk", offload_folder=tmp_path / "offload")
+    try:
+        (path,) = (tmp_path / "offload").iterdir()
+        size = path.stat().st_size
+        assert size > 0
+        # Counted on the disk of the folder the new plan writes to (here the same disk).
+        assert _offload_bytes_held(modules, tmp_path / "elsewhere" / "not-yet-created") == size
+        gpu = DeviceProbe("cuda:0", "Test GPU", 24 * GiB, 20 * GiB, 64 * GiB, 48 * GiB, 24 * GiB, 25e9, "assumed",
+                          offload_free=5 * GiB)
+        b, notes = budget_for(gpu, vram="8GiB", extra_disk=size)
+        assert b.disk_free == 5 * GiB + size
+        assert any("the pipeline's own offload files" in n for n in notes)
+    finally:
+        s.restore()
+    assert _offload_bytes_held(modules, tmp_path) == 0

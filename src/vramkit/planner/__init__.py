@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ def budget_for(
     extra_vram: int = 0,
     disk_bandwidth: float | str | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
+    extra_disk: int = 0,
 ) -> tuple[Budget, list[str]]:
     """The :class:`Budget` for a probe and optional explicit ``vram``/``ram``/``bandwidth``.
 
@@ -79,7 +81,8 @@ def budget_for(
     ``disk_bandwidth`` (read + copy rate of blocks streamed from an offload file) = the calibration's
     assumed default unless given; free disk space in the offload folder (``offload_folder``, default
     the probe's default folder) when the probe has a GPU (a probe without one stands for this machine
-    while the plan is for another).
+    while the plan is for another), plus ``extra_disk`` (offload files the pipeline to plan already
+    holds on that disk: they are deleted before the new plan writes its own).
     """
     notes: list[str] = []
     if vram is None:
@@ -133,7 +136,11 @@ def budget_for(
         disk_free = found.offload_free if offload_folder is None else offload_free_bytes(offload_folder)
     if disk_free is not None:
         where = f" ({os.fspath(offload_folder)})" if offload_folder is not None else ""
-        notes.append(f"offload folder{where}: {format_bytes(disk_free)} free on its disk")
+        note = f"offload folder{where}: {format_bytes(disk_free)} free on its disk"
+        if extra_disk > 0:
+            note += f" + {format_bytes(extra_disk)} in the pipeline's own offload files (replaced by the plan)"
+            disk_free += int(extra_disk)
+        notes.append(note)
     budget = Budget(
         vram=vram_b,
         ram=ram_b,
@@ -166,6 +173,7 @@ def budget_for_devices(
     host: DeviceProbe | None = None,
     disk_bandwidth: float | str | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
+    extra_disk: int = 0,
 ) -> tuple[Budget, list[str]]:
     """The :class:`Budget` for several devices: ``vram`` maps devices to budgets (``{"cuda:0":
     "12GiB", 1: "80%"}``); without it, every probed device gives what is free on it (plus what the
@@ -208,6 +216,7 @@ def budget_for_devices(
         extra_ram=extra_ram,
         disk_bandwidth=disk_bandwidth,
         offload_folder=offload_folder,
+        extra_disk=extra_disk,
     )
     linked = [by_name[d].h2d_bandwidth for d in per if d in by_name and by_name[d].is_gpu]
     if bandwidth is None and len(linked) > 1 and min(linked) < budget.bandwidth:
@@ -403,6 +412,41 @@ def _bytes_on(modules: Mapping[str, torch.nn.Module], device: str) -> int:
     return total
 
 
+def _offload_bytes_held(
+    modules: Mapping[str, torch.nn.Module], folder: str | os.PathLike[str] | None
+) -> int:
+    """Bytes of the offload files that streamers on ``modules`` hold on the disk of ``folder``
+    (default the default offload folder). A re-plan of a streamed pipeline (another ``optimize``,
+    OOM recovery) undoes the old plan, which deletes these files, before the new one writes."""
+    from ..engine.streamer import streamer_of
+    from ..memory.probe import default_offload_folder
+
+    target = Path(folder) if folder is not None else default_offload_folder()
+    target = target.absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    try:
+        disk = target.stat().st_dev
+    except OSError:
+        return 0
+    total = 0
+    seen: set[str] = set()
+    for module in modules.values():
+        for sub in module.modules():
+            streamer = streamer_of(sub)
+            path = streamer.summary().get("offload_file") if streamer is not None else None
+            if not path or path in seen:
+                continue
+            seen.add(path)
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            if info.st_dev == disk:
+                total += info.st_size
+    return total
+
+
 def plan_pipeline(
     pipe: Any,
     *,
@@ -473,6 +517,7 @@ def plan_pipeline(
             host=found,
             disk_bandwidth=disk_bandwidth,
             offload_folder=offload_folder,
+            extra_disk=_offload_bytes_held(modules, offload_folder),
         )
         record = _request_record(spec, req, budget, quality)
         plan = search(spec, req, budget, quality, calibration, request_record=record, notes=notes, parts=not compile)
@@ -488,6 +533,7 @@ def plan_pipeline(
         extra_vram=_bytes_on(modules, found.device) if (vram is None and found.is_gpu) else 0,
         disk_bandwidth=disk_bandwidth,
         offload_folder=offload_folder,
+        extra_disk=_offload_bytes_held(modules, offload_folder),
     )
     if ram is None:
         notes.append(f"the pipeline holds {format_bytes(_bytes_on(modules, 'cpu'))} in host RAM now")
