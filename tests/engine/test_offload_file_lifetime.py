@@ -174,3 +174,22 @@ def test_free_disk_counts_stale_files_as_free(tmp_path) -> None:
     assert counted is not None
     assert abs((counted - plain) - size) < size // 2
     assert stale.exists()  # reading the free space deletes nothing
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_exiting_does_not_delete_its_parents_file(tmp_path) -> None:
+    f = OffloadFile(tmp_path, "Parent")
+    f.append(torch.ones(16))
+    f.map()
+    pid = os.fork()
+    if pid == 0:  # child: run the interpreter's exit path (finalizers included)
+        try:
+            del f
+            gc.collect()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert f.path.exists()
+    f.close()
+    assert not f.path.exists()

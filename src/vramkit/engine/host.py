@@ -181,7 +181,9 @@ class OffloadFile:
         self.size = 0
         self._mapping: torch.Tensor | None = None
         # Runs once: from close(), when this object is collected, or at interpreter exit.
-        self._finalizer = weakref.finalize(self, _delete_offload_file, self.path, lock_fd, tuple(self._created))
+        self._finalizer = weakref.finalize(
+            self, _delete_offload_file, self.path, lock_fd, tuple(self._created), os.getpid()
+        )
 
     @property
     def mapped(self) -> bool:
@@ -264,18 +266,21 @@ def _hold(fd: int, path: Path) -> None:
         logger.debug("no flock on %s (%s): it will not be recognised as in use", path, exc)
 
 
-def _delete_offload_file(path: Path, lock_fd: int, created: tuple[Path, ...]) -> None:
+def _delete_offload_file(path: Path, lock_fd: int, created: tuple[Path, ...], owner_pid: int) -> None:
     # A module-level function: a finalizer must not hold a reference to the object it finalizes.
+    if os.getpid() != owner_pid:
+        return  # a forked child exiting: the file belongs to the parent, which still uses it
+    # The lock goes first: Windows cannot delete a file that is open (POSIX does not mind).
+    try:
+        os.close(lock_fd)
+    except OSError:
+        pass
     try:
         path.unlink()
     except FileNotFoundError:
         pass
     except OSError as exc:
         logger.warning("could not delete the offload file %s (%s); delete it by hand", path, exc)
-    try:
-        os.close(lock_fd)
-    except OSError:
-        pass
     for folder in reversed(created):
         try:
             folder.rmdir()
