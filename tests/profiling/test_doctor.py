@@ -140,3 +140,29 @@ def test_version_comparison():
     assert doctor._at_least("0.36.0.dev0", "0.36") and doctor._at_least("0.36.0", "0.36")
     assert not doctor._at_least("0.35.2", "0.36")
     assert doctor._version_key("2.11.0+cu130") == (2, 11, 0)
+
+
+def test_doctor_reports_stale_offload_files_with_a_fix(tmp_path, monkeypatch):
+    import os
+
+    from vramkit.memory.probe import OFFLOAD_SUFFIX
+
+    monkeypatch.setenv("VRAMKIT_OFFLOAD_DIR", str(tmp_path))
+    report = DoctorReport()
+    doctor._offload_finding(report)
+    finding = report.get("offload_folder")
+    assert finding is not None and finding.status == "ok" and str(tmp_path) in finding.detail
+    stale = tmp_path / f"Killed-000000000000{OFFLOAD_SUFFIX}"
+    stale.write_bytes(b"\0" * (1 << 20))
+    old = stale.stat().st_mtime - 3600
+    os.utime(stale, (old, old))
+    report = DoctorReport()
+    doctor._offload_finding(report)
+    finding = report.get("offload_folder")
+    assert finding is not None
+    if os.name == "nt":  # no flock: nothing can be proven stale
+        assert finding.status == "ok"
+    else:
+        assert finding.status == "warn" and "1 offload file(s)" in finding.detail and finding.fix
+        assert report.exit_code == 0  # a warning, not a failure
+    assert stale.exists()  # the doctor reports, it deletes nothing

@@ -432,6 +432,38 @@ def _bandwidth_finding(report: DoctorReport, cuda: bool, measure: bool) -> None:
         report.findings.append(Finding("h2d_bandwidth", "ok", detail))
 
 
+def _offload_finding(report: DoctorReport) -> None:
+    from ..memory.probe import default_offload_folder, offload_free_bytes, stale_offload_files
+
+    folder = default_offload_folder()
+    free = offload_free_bytes(folder)
+    stale = stale_offload_files(folder)
+    where = f"{folder} ({'exists' if folder.exists() else 'created when first needed'})"
+    if free is None:
+        report.findings.append(Finding("offload_folder", "skipped", f"{where}: free space not readable"))
+        return
+    detail = f"{where}: {free / _GIB:.1f} GiB free"
+    if stale:
+        size = 0
+        for path in stale:
+            try:
+                size += path.stat().st_size
+            except OSError:
+                continue
+        report.findings.append(
+            Finding(
+                "offload_folder",
+                "warn",
+                detail + f", of which {size / _GIB:.1f} GiB in {len(stale)} offload file(s) left by a process "
+                "that was killed",
+                "nothing to do if vramkit will stream from disk again (it deletes them before writing); "
+                f"else delete {folder}/*.vramkit-offload files that no running process uses",
+            )
+        )
+    else:
+        report.findings.append(Finding("offload_folder", "ok", detail))
+
+
 def run_doctor(*, measure_bandwidth: bool = True, check_imports: bool = True) -> DoctorReport:
     """Run every check and return the findings (see the module docstring).
 
@@ -457,6 +489,7 @@ def run_doctor(*, measure_bandwidth: bool = True, check_imports: bool = True) ->
     _vram_finding(report, torch, cuda)
     _ram_finding(report)
     _bandwidth_finding(report, cuda, measure_bandwidth)
+    _offload_finding(report)
     return report
 
 
