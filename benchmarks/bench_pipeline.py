@@ -19,6 +19,11 @@ rate. The difference of the two calls over N-2 steps (what results before 2026-1
 s/step) is kept as ``seconds_per_step_difference``. Peak VRAM is ``max_memory_allocated`` minus the ballast,
 peak host RAM the process RSS sampled every 50 ms. ``--tiny`` runs the same harness on the tiny CPU
 pipeline (to check the harness, not to measure). Writes ``$OUT/pipeline_<size>.json`` and prints a table.
+
+A device call is limited in time, so one run per resolution may need several calls on the same
+machine: ``--deadline 540`` starts no configuration that would likely end after 540 s, and the next
+call continues with ``--resume <the file the last call wrote>`` (carried into the working tree),
+skipping what was measured; the file lists every call's command under ``commands``.
 """
 
 from __future__ import annotations
@@ -314,6 +319,32 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{lb:>6} {ratio:>6} {speed:>18}")
 
 
+#: Outcomes a resumed run does not repeat (a crash or an error is tried again).
+_FINAL = ("ok", "OOM", "timeout")
+
+
+def resumed(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows and commands of an earlier run to continue; refuses a file from another GPU or size."""
+    with open(path) as f:
+        data = json.load(f)
+    env = environment()
+    if data.get("environment", {}).get("device") != env.get("device"):
+        raise SystemExit(f"--resume {path}: measured on {data.get('environment', {}).get('device')!r}, this is "
+                         f"{env.get('device')!r}; ratios hold only within one GPU. Start a new file.")
+    if data.get("size") != ARGS.size:
+        raise SystemExit(f"--resume {path}: a {data.get('size')}² run, this is --size {ARGS.size}.")
+    commands = list(data.get("commands") or [data["environment"]["command"]])
+    return list(data["results"]), commands
+
+
+def write_payload(path: str, results: list[dict[str, Any]], commands: list[str]) -> None:
+    env = environment()
+    payload = {"environment": env, "size": ARGS.size, "results": results,
+               "commands": [*commands, env["command"]] if commands else [env["command"]]}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
 def main() -> None:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -326,6 +357,14 @@ def main() -> None:
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="first run the unoptimized pipeline on the whole GPU (resident s/step and pinned "
                         "bandwidth: the inputs of L(B))")
+    p.add_argument("--resume", metavar="JSON",
+                   help="continue a run: keep that file's rows, skip the configurations it already measured "
+                        "(ok, OOM or timeout; the reference too), append the rest (one run spread over several "
+                        "calls on the same GPU; a file from another GPU is refused)")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="start no configuration that would likely end after this many seconds (the slowest "
+                        "configuration so far, or 90 s, is the estimate), so that a time-limited call ends "
+                        "with every row it started written")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     ARGS = p.parse_args()
@@ -333,14 +372,32 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(ARGS.one, ARGS.budget)), flush=True)
         return
     results: list[dict[str, Any]] = []
+    commands: list[str] = []
     env_vars = dict(os.environ)
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"pipeline_{ARGS.size}{'_tiny' if ARGS.tiny else ''}.json")
+    if ARGS.resume and os.path.exists(ARGS.resume):
+        results, commands = resumed(ARGS.resume)
     runs = [(0.0, "unoptimized")] if ARGS.reference else []
     runs += [(float(b), c) for b in ARGS.budgets.split(",") for c in ARGS.configs.split(",")]
+    done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL}
+    skipped = [(b, c) for b, c in runs if (b, c) in done]
+    runs = [(b, c) for b, c in runs if (b, c) not in done]
+    if skipped:
+        log(f"resuming {ARGS.resume}: {len(skipped)} configuration(s) already measured, {len(runs)} to go")
+    # A crashed or failed row of a configuration that runs again is replaced, not kept beside it.
+    results = [r for r in results if (r["budget_gib"], r["config"]) not in set(runs)]
+    started = time.perf_counter()
+    slowest = 0.0
     for budget, config in runs:
+        elapsed = time.perf_counter() - started
+        if ARGS.deadline is not None and elapsed + max(slowest, 90.0) > ARGS.deadline:
+            left = runs[runs.index((budget, config)):]
+            log(f"deadline: {len(left)} configuration(s) not started: " + ", ".join(f"{b:g} {c}" for b, c in left))
+            break
         log(f"budget {budget} GiB, {config}")
+        t_config = time.perf_counter()
         cmd = [sys.executable, __file__, "--one", config, "--budget", str(budget), "--size", str(ARGS.size),
                "--steps", str(ARGS.steps)] + (["--tiny"] if ARGS.tiny else [])
         env = dict(env_vars)
@@ -356,11 +413,11 @@ def main() -> None:
                                 "error": proc.stderr[-800:]})
         except subprocess.TimeoutExpired:
             results.append({"config": config, "budget_gib": budget, "status": "timeout"})
+        slowest = max(slowest, time.perf_counter() - t_config)
         log(f"  -> {results[-1].get('status')} {results[-1].get('seconds_per_step', '')}")
         # Written after every configuration: a run cut short still leaves what it measured.
-        payload = {"environment": environment(), "size": ARGS.size, "results": results}
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=1)
+        write_payload(path, results, commands)
+    write_payload(path, results, commands)  # also when the deadline or --resume left nothing to run
     print_table(results)
     print(f"wrote {path}")
 

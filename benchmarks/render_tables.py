@@ -73,6 +73,15 @@ def _builtin(config: str) -> bool:
     return config.startswith(_BUILTINS)
 
 
+def _commands_text(data: dict[str, Any]) -> str:
+    commands = data.get("commands") or [data["environment"]["command"]]
+    if len(commands) == 1:
+        return f"Command: `{commands[0]}`; "
+    return f"Commands (one run over {len(commands)} calls on one machine, resumed): " + "; ".join(
+        f"`{c}`" for c in commands
+    ) + "; "
+
+
 def _timing_text(results: list[dict[str, Any]]) -> str:
     if any(r.get("step_timing") == "step events" for r in results):
         return ("s/step is the median gap between consecutive step ends of an N-step call (CUDA events from "
@@ -88,7 +97,8 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         f"### Whole FLUX.1-dev pipeline, {data['size']}² ({env.get('device', '?')}, torch {env['torch']}, "
         f"diffusers {env['diffusers']})",
         "",
-        f"Command: `{env['command']}`; code: {data.get('code_state', 'not recorded')}. "
+        _commands_text(data)
+        + f"code: {data.get('code_state', 'not recorded')}. "
         + (f"Note: {data['note']}. " if data.get("note") else "")
         + _timing_text(data["results"])
         + "Peaks exclude the ballast. "
@@ -163,7 +173,8 @@ def grid(data: dict[str, Any]) -> list[str]:
         f"### Predicted vs measured peak VRAM: {data['pipeline']}{modes} ({env.get('device', '?')}, torch "
         f"{env['torch']}, diffusers {env['diffusers']})",
         "",
-        f"Command: `{env['command']}`; code: {data.get('code_state', 'not recorded')}. "
+        _commands_text(data)
+        + f"code: {data.get('code_state', 'not recorded')}. "
         f"Each row: a ballast leaves exactly the budget free, `vramkit.optimize(pipe, height=, width=)` plans for "
         f"what the probe finds (free minus the margin, quality 'auto'), one {data['steps']}-step call runs under "
         "`vramkit.profile`. Measured = `max_memory_allocated` less the ballast, highest stage; 'peak <= budget' "

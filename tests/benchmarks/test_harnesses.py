@@ -99,3 +99,27 @@ def test_bench_pipeline_tiny_times_steps_from_step_events(tmp_path: Path) -> Non
     assert all(g > 0 for g in row["step_seconds"])
     assert row["seconds_per_step"] == statistics.median(row["step_seconds"])
     assert row["seconds_per_image_28"] > row["seconds_n_steps"]
+
+
+def test_bench_pipeline_resumes_a_run_and_stops_before_its_deadline(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    base = ["benchmarks/bench_pipeline.py", "--tiny", "--budgets", "8", "--steps", "3", "--no-reference"]
+    proc = _run([*base, "--configs", "vramkit"], first)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    earlier = first / "pipeline_1024_tiny.json"
+    # A deadline too short for any configuration: nothing starts, the earlier rows are kept.
+    second = tmp_path / "second"
+    proc = _run([*base, "--configs", "vramkit,diffusers-leaf-stream", "--resume", str(earlier), "--deadline", "10"],
+                second)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((second / "pipeline_1024_tiny.json").read_text())
+    assert [r["config"] for r in data["results"]] == ["vramkit"]
+    assert "not started: 8 diffusers-leaf-stream" in proc.stdout + proc.stderr
+    # Resumed without a deadline: only the missing configuration runs, appended after the first.
+    third = tmp_path / "third"
+    proc = _run([*base, "--configs", "vramkit,diffusers-leaf-stream", "--resume", str(earlier)], third)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((third / "pipeline_1024_tiny.json").read_text())
+    assert [r["config"] for r in data["results"]] == ["vramkit", "diffusers-leaf-stream"]
+    assert all(r["status"] == "ok" for r in data["results"])
+    assert len(data["commands"]) == 2 and "--resume" in data["commands"][1]
