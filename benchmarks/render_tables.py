@@ -73,6 +73,12 @@ def _builtin(config: str) -> bool:
     return config.startswith(_BUILTINS)
 
 
+def _predicts_allocated(plan: dict[str, Any]) -> bool:
+    """Whether the plan's predicted peaks are allocated memory (the planner says so in a note since
+    it stopped reporting the peak padded with its allocator reserve)."""
+    return any(str(n).startswith("predicted peaks are allocated memory") for n in plan.get("notes") or ())
+
+
 def _commands_text(data: dict[str, Any]) -> str:
     commands = data.get("commands") or [data["environment"]["command"]]
     if len(commands) == 1:
@@ -148,10 +154,18 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         planned = plan.get("request", {}).get("vram_budget")
         pf = f"{planned / 2**30:.2f}" if planned else ""
         ps = f"{pred['seconds_per_step']:.3f}" if pred else ""
-        pp = f"{pred['peak_vram'] / 2**30:.2f}" if pred else ""
-        # Runs before the planner reported allocated memory recorded the padded peak; the allocated
-        # estimate inside it is (padded - 384 MiB) / 1.05 (the planner's allocator reserve).
-        pa = f"{(pred['peak_vram'] - 384 * 2**20) / 1.05 / 2**30:.2f}" if pred else ""
+        pp = pa = ""
+        if pred:
+            reserve_mib = 384 * 2**20
+            if _predicts_allocated(plan):
+                allocated = pred["peak_vram"]
+                padded = allocated * 1.05 + reserve_mib
+            else:
+                # Runs before the planner reported allocated memory recorded the padded peak; the
+                # allocated estimate inside it is (padded - 384 MiB) / 1.05 (the allocator reserve).
+                padded = pred["peak_vram"]
+                allocated = (padded - reserve_mib) / 1.05
+            pp, pa = f"{padded / 2**30:.2f}", f"{allocated / 2**30:.2f}"
         key = (b, "fp8" in r["config"])
         step_x = f"{best_step[key] / r['seconds_per_step']:.2f}x" if key in best_step else ""
         image_x = f"{best_image[key] / r['seconds_per_image_28']:.2f}x" if key in best_image else ""
