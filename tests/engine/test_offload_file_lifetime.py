@@ -11,9 +11,11 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -188,7 +190,16 @@ def test_a_forked_child_exiting_does_not_delete_its_parents_file(tmp_path) -> No
             gc.collect()
         finally:
             os._exit(0)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 120
+    while True:  # a bounded wait: a child stuck in a lock inherited at fork must not hang the suite
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not exit within 120 s")
+        time.sleep(0.05)
     assert status == 0
     assert f.path.exists()
     f.close()
