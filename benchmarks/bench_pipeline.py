@@ -12,16 +12,18 @@ Peers (``--configs ...,diffusers-mm,diffusers-dynamic-offloader,mmgp,mmgp-int8``
 Each configuration builds the full-size FLUX.1-dev pipeline (T5-XXL, CLIP-L, transformer, VAE) with
 random bf16 weights on the GPU, moves it to host RAM, allocates a ballast so that
 ``torch.cuda.mem_get_info()`` reports exactly the budget as free (any overshoot is a real CUDA OOM),
-applies the option, and times a 2-step and an N-step call. s/step is the median gap between the
+applies the option, and times a 2-step and an N-step call. s/step is the mean gap between the
 ends of consecutive steps of the N-step call (CUDA events recorded from ``callback_on_step_end``:
-steady-state steps, free of per-call costs); s/image is the N-step call plus 28-N steps at that
-rate. The difference of the two calls over N-2 steps (what results before 2026-12-06 report as
-s/step) is kept as ``seconds_per_step_difference``. Peak VRAM is ``max_memory_allocated`` minus the ballast,
+every step after the first, a slow one included, free of per-call costs; the median is kept as
+``seconds_per_step_median``); s/image is the N-step call plus 28-N steps at that rate. The
+difference of the two calls over N-2 steps (what results before 2026-12-06 report as s/step) is kept
+as ``seconds_per_step_difference``. Peak VRAM is ``max_memory_allocated`` minus the ballast,
 peak host RAM the process RSS sampled every 50 ms. ``--tiny`` runs the same harness on the tiny CPU
 pipeline (to check the harness, not to measure). Writes ``$OUT/pipeline_<size>.json`` and prints a table.
 
 A device call is limited in time, so one run per resolution may need several calls on the same
-machine: ``--deadline 540`` starts no configuration that would likely end after 540 s, and the next
+machine: with ``--deadline 540`` no configuration starts that the slowest so far would not finish
+by 540 s and none runs past it (one cut short is recorded as ``cut`` and runs again), and the next
 call continues with ``--resume <the file the last call wrote>`` (carried into the working tree),
 skipping what was measured; the file lists every call's command under ``commands``.
 """
@@ -262,11 +264,13 @@ def run_one(config: str, budget_gib: float) -> dict[str, Any]:
             result["graphs_compiled_while_measuring"] = _graphs_compiled() - graphs_before
             difference = (t_hi - t_lo) / (ARGS.steps - 2)
             gaps = clock.gaps()
-            # The median step gap when the pipeline called back every step; else the difference of
-            # the two calls (what results before 2026-12-06 used: fragile where per-call costs vary).
-            per_step = statistics.median(gaps) if len(gaps) >= 2 else difference
+            # The mean step gap when the pipeline called back every step (the mean, not the median:
+            # a step that is slow every so often is part of the cost); else the difference of the
+            # two calls (what results before 2026-12-06 used: fragile where per-call costs vary).
+            per_step = statistics.fmean(gaps) if len(gaps) >= 2 else difference
             result.update(status="ok", seconds_2_steps=t_lo, seconds_n_steps=t_hi, n_steps=ARGS.steps,
                           step_seconds=gaps, seconds_per_step_difference=difference,
+                          seconds_per_step_median=statistics.median(gaps) if gaps else None,
                           step_timing="step events" if len(gaps) >= 2 else "difference",
                           seconds_per_step=per_step,
                           # The N-step call as measured (every per-call cost included) plus the
@@ -333,6 +337,13 @@ def resumed(path: str) -> tuple[list[dict[str, Any]], list[str]]:
                          f"{env.get('device')!r}; ratios hold only within one GPU. Start a new file.")
     if data.get("size") != ARGS.size:
         raise SystemExit(f"--resume {path}: a {data.get('size')}² run, this is --size {ARGS.size}.")
+    rows = [r for r in data["results"] if r.get("status") == "ok"]
+    if any(r.get("n_steps") != ARGS.steps for r in rows):
+        raise SystemExit(f"--resume {path}: its rows were measured with another --steps; use --steps "
+                         f"{rows[0].get('n_steps')} or start a new file.")
+    if any("step_timing" not in r for r in rows):
+        raise SystemExit(f"--resume {path}: its rows were timed by the difference of two calls (before "
+                         "2026-12-06); rows timed from step events must not be mixed with them. Start a new file.")
     commands = list(data.get("commands") or [data["environment"]["command"]])
     return list(data["results"]), commands
 
@@ -377,7 +388,9 @@ def main() -> None:
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"pipeline_{ARGS.size}{'_tiny' if ARGS.tiny else ''}.json")
-    if ARGS.resume and os.path.exists(ARGS.resume):
+    if ARGS.resume:
+        if not os.path.exists(ARGS.resume):
+            raise SystemExit(f"--resume {ARGS.resume}: no such file (a mistyped path would silently start over).")
         results, commands = resumed(ARGS.resume)
     runs = [(0.0, "unoptimized")] if ARGS.reference else []
     runs += [(float(b), c) for b in ARGS.budgets.split(",") for c in ARGS.configs.split(",")]
@@ -388,10 +401,14 @@ def main() -> None:
         log(f"resuming {ARGS.resume}: {len(skipped)} configuration(s) already measured, {len(runs)} to go")
     # A crashed or failed row of a configuration that runs again is replaced, not kept beside it.
     results = [r for r in results if (r["budget_gib"], r["config"]) not in set(runs)]
-    started = time.perf_counter()
     slowest = 0.0
     for budget, config in runs:
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - _STARTED
+        timeout = ARGS.timeout
+        if ARGS.deadline is not None:
+            # A configuration is given at most the time left (a longer one is cut and recorded as
+            # such, to run again on --resume), and none starts that the slowest so far would not finish.
+            timeout = min(timeout, int(ARGS.deadline - elapsed))
         if ARGS.deadline is not None and elapsed + max(slowest, 90.0) > ARGS.deadline:
             left = runs[runs.index((budget, config)):]
             log(f"deadline: {len(left)} configuration(s) not started: " + ", ".join(f"{b:g} {c}" for b, c in left))
@@ -404,7 +421,7 @@ def main() -> None:
         if "block" in config:
             env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ARGS.timeout, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if lines:
                 results.append(json.loads(lines[-1][7:]))
@@ -412,7 +429,10 @@ def main() -> None:
                 results.append({"config": config, "budget_gib": budget, "status": "crashed",
                                 "error": proc.stderr[-800:]})
         except subprocess.TimeoutExpired:
-            results.append({"config": config, "budget_gib": budget, "status": "timeout"})
+            cut = timeout < ARGS.timeout
+            # "cut" (by the deadline) is not final: --resume runs that configuration again.
+            results.append({"config": config, "budget_gib": budget, "status": "cut" if cut else "timeout",
+                            "timeout_s": timeout})
         slowest = max(slowest, time.perf_counter() - t_config)
         log(f"  -> {results[-1].get('status')} {results[-1].get('seconds_per_step', '')}")
         # Written after every configuration: a run cut short still leaves what it measured.
@@ -423,5 +443,7 @@ def main() -> None:
 
 
 ARGS: argparse.Namespace
+#: When this process started: --deadline counts from here (imports and loading a resumed file included).
+_STARTED = time.perf_counter()
 if __name__ == "__main__":
     main()

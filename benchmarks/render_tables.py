@@ -89,12 +89,17 @@ def _commands_text(data: dict[str, Any]) -> str:
 
 
 def _timing_text(results: list[dict[str, Any]]) -> str:
-    if any(r.get("step_timing") == "step events" for r in results):
-        return ("s/step is the median gap between consecutive step ends of an N-step call (CUDA events from "
-                "callback_on_step_end); s/image is that call plus the remaining steps to 28 at that rate (text "
-                "encoding, VAE decode and every per-call cost included). ")
-    return ("s/step from the difference of a 2-step and an N-step call; s/image extrapolated to 28 steps (text "
-            "encoding and VAE decode included). ")
+    ok = [r for r in results if r.get("status") == "ok"]
+    events = [r for r in ok if r.get("step_timing") == "step events"]
+    text = ""
+    if events:
+        text += ("s/step is the mean gap between consecutive step ends of an N-step call (CUDA events from "
+                 "callback_on_step_end); s/image is that call plus the remaining steps to 28 at that rate (text "
+                 "encoding, VAE decode and every per-call cost included)")
+    if len(events) < len(ok):
+        text += ("; rows marked † were timed by difference" if events else "s/step from the difference of a 2-step "
+                 "and an N-step call; s/image extrapolated to 28 steps (text encoding and VAE decode included)")
+    return text + ". "
 
 
 def pipeline(data: dict[str, Any]) -> list[str]:
@@ -110,8 +115,9 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         + "Peaks exclude the ballast. "
         "'planned for' is the VRAM the planner used after its safety margin: where it is far below the budget, "
         "the run predates the fix that made the margin a share of the free memory rather than of the device. "
-        "'predicted allocated' is the recorded prediction less the planner's allocator reserve (5% + 384 MiB), "
-        "what later versions report as the predicted peak.",
+        "'predicted allocated' is the planner's predicted peak of allocated memory and 'with reserve' that "
+        "plus its allocator reserve (5% + 384 MiB); plans from before the planner reported allocated memory "
+        "recorded the padded figure, and the allocated one is derived from it.",
         "",
         "| budget GiB | option | s/step | s/image (28) | peak VRAM GiB | peak host RSS GiB | planned for GiB | "
         "predicted s/step | predicted peak GiB (with reserve) | predicted allocated GiB | L(B) | ratio to L(B) "
@@ -171,8 +177,12 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         image_x = f"{best_image[key] / r['seconds_per_image_28']:.2f}x" if key in best_image else ""
         floor = floor_seconds(data["results"], r)
         lb, ratio = (f"{floor:.3f}", f"{r['seconds_per_step'] / floor:.2f}") if floor else ("", "")
+        by_difference = any(x.get("step_timing") == "step events" for x in data["results"]) and (
+            r.get("step_timing") != "step events"
+        )
+        label = r["config"] + (" †" if by_difference else "")
         out.append(
-            f"| {b:g} | {r['config']} | {r['seconds_per_step']:.3f} | {r['seconds_per_image_28']:.1f} | "
+            f"| {b:g} | {label} | {r['seconds_per_step']:.3f} | {r['seconds_per_image_28']:.1f} | "
             f"{r['peak_vram_gib']:.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {pa} | {lb} | {ratio} "
             f"| {step_x} | {image_x} |"
         )

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -97,7 +99,8 @@ def test_bench_pipeline_tiny_times_steps_from_step_events(tmp_path: Path) -> Non
     # One gap between each pair of consecutive step ends of the 5-step call.
     assert row["step_timing"] == "step events" and len(row["step_seconds"]) == 4
     assert all(g > 0 for g in row["step_seconds"])
-    assert row["seconds_per_step"] == statistics.median(row["step_seconds"])
+    assert row["seconds_per_step"] == pytest.approx(statistics.fmean(row["step_seconds"]))
+    assert row["seconds_per_step_median"] == statistics.median(row["step_seconds"])
     assert row["seconds_per_image_28"] > row["seconds_n_steps"]
 
 
@@ -123,3 +126,9 @@ def test_bench_pipeline_resumes_a_run_and_stops_before_its_deadline(tmp_path: Pa
     assert [r["config"] for r in data["results"]] == ["vramkit", "diffusers-leaf-stream"]
     assert all(r["status"] == "ok" for r in data["results"])
     assert len(data["commands"]) == 2 and "--resume" in data["commands"][1]
+    # A mistyped file is an error, not a silent fresh start; so is a file measured with other --steps.
+    proc = _run([*base, "--configs", "vramkit", "--resume", str(tmp_path / "typo.json")], tmp_path / "fourth")
+    assert proc.returncode != 0 and "no such file" in proc.stderr
+    proc = _run([*base[:-3], "--steps", "4", "--no-reference", "--configs", "vramkit", "--resume", str(earlier)],
+                tmp_path / "fifth")
+    assert proc.returncode != 0 and "another --steps" in proc.stderr

@@ -253,3 +253,30 @@ def test_a_replan_counts_the_pipelines_own_offload_files_as_free(tmp_path):
     finally:
         s.restore()
     assert _offload_bytes_held(modules, tmp_path) == 0
+
+
+def test_plan_pipeline_passes_the_pipelines_own_offload_files_to_the_budget(tmp_path, monkeypatch):
+    import torch
+
+    import vramkit.planner as planner_mod
+    from vramkit.engine import SyncCopier, enable_block_streaming
+    from vramkit.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("flux")
+    pipe.transformer.to(torch.bfloat16)
+    s = enable_block_streaming(pipe.transformer, resident=0, storage="fp8", device="cpu", copier=SyncCopier(),
+                               originals="disk", offload_folder=tmp_path)
+    seen: list[int] = []
+    real = planner_mod.budget_for
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs.get("extra_disk", 0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planner_mod, "budget_for", spy)
+    try:
+        (path,) = tmp_path.iterdir()
+        planner_mod.plan_pipeline(pipe, vram="8GiB", offload_folder=tmp_path)
+        assert seen == [path.stat().st_size] and seen[0] > 0
+    finally:
+        s.restore()

@@ -145,14 +145,14 @@ def test_version_comparison():
 def test_doctor_reports_stale_offload_files_with_a_fix(tmp_path, monkeypatch):
     import os
 
-    from vramkit.memory.probe import OFFLOAD_SUFFIX
+    from vramkit.memory.probe import OFFLOAD_SUFFIX, offload_host_tag
 
     monkeypatch.setenv("VRAMKIT_OFFLOAD_DIR", str(tmp_path))
     report = DoctorReport()
     doctor._offload_finding(report)
     finding = report.get("offload_folder")
     assert finding is not None and finding.status == "ok" and str(tmp_path) in finding.detail
-    stale = tmp_path / f"Killed-000000000000{OFFLOAD_SUFFIX}"
+    stale = tmp_path / f"Killed-{offload_host_tag()}-000000000000{OFFLOAD_SUFFIX}"
     stale.write_bytes(b"\0" * (1 << 20))
     old = stale.stat().st_mtime - 3600
     os.utime(stale, (old, old))

@@ -20,7 +20,13 @@ from typing import BinaryIO
 import torch
 
 from ..errors import InvalidRequestError
-from ..memory.probe import OFFLOAD_SUFFIX, default_offload_folder, stale_offload_files
+from ..memory.probe import (
+    OFFLOAD_SUFFIX,
+    _holding,
+    default_offload_folder,
+    offload_host_tag,
+    stale_offload_files,
+)
 
 __all__ = [
     "HostBuffer",
@@ -166,7 +172,9 @@ class OffloadFile:
             ) from None
         self._created = list(reversed(created))
         remove_stale_offload_files(self.folder)
-        self.path = self.folder / f"{stem}-{uuid.uuid4().hex[:12]}{OFFLOAD_SUFFIX}"
+        # The host tag keeps another machine sharing this folder from judging the file (a flock
+        # taken there may not be visible here).
+        self.path = self.folder / f"{stem}-{offload_host_tag()}-{uuid.uuid4().hex[:12]}{OFFLOAD_SUFFIX}"
         try:
             lock_fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         except OSError as exc:
@@ -175,9 +183,13 @@ class OffloadFile:
                 "directory on a local disk."
             ) from None
         _hold(lock_fd, self.path)
+        _holding(self.path, True)
         # The writer gets its own descriptor of the same open file: closing it after writing keeps
         # the lock, which belongs to lock_fd until the file is deleted.
         self._fh: BinaryIO | None = os.fdopen(os.dup(lock_fd), "wb")
+        # Reads (restore) go through this descriptor, not the name: the data stays readable even if
+        # the name is deleted by hand while the pipeline still streams.
+        self._fd = lock_fd
         self.size = 0
         self._mapping: torch.Tensor | None = None
         # Runs once: from close(), when this object is collected, or at interpreter exit.
@@ -230,15 +242,24 @@ class OffloadFile:
             self._fh.flush()
         host = out if out.device.type == "cpu" else torch.empty(out.shape, dtype=out.dtype)
         flat = host.reshape(-1).view(torch.uint8)
-        with open(self.path, "rb") as fh:
-            fh.seek(offset)
-            view = memoryview(flat.numpy())
-            done = 0
+        view = memoryview(flat.numpy())
+        done = 0
+        if hasattr(os, "preadv"):
             while done < len(view):
-                got = fh.readinto(view[done:])
+                got = os.preadv(self._fd, [view[done:]], offset + done)
                 if not got:
-                    raise OSError(f"offload file {self.path} ends at {offset + done}, {len(view) - done} bytes early")
+                    break
                 done += got
+        else:  # Windows has no positional read: seek on a duplicate of the held descriptor
+            with os.fdopen(os.dup(self._fd), "rb") as fh:
+                fh.seek(offset)
+                while done < len(view):
+                    got = fh.readinto(view[done:])
+                    if not got:
+                        break
+                    done += got
+        if done < len(view):
+            raise OSError(f"offload file {self.path} ends at {offset + done}, {len(view) - done} bytes early")
         if host is not out:
             out.copy_(host)
 
@@ -275,6 +296,7 @@ def _delete_offload_file(path: Path, lock_fd: int, created: tuple[Path, ...], ow
         os.close(lock_fd)
     except OSError:
         pass
+    _holding(path, False)
     try:
         path.unlink()
     except FileNotFoundError:
@@ -295,6 +317,8 @@ def remove_stale_offload_files(folder: str | os.PathLike[str] | None = None) -> 
         try:
             size = path.stat().st_size
             path.unlink()
+        except FileNotFoundError:
+            continue  # another process removed it first
         except OSError as exc:
             logger.warning("could not delete the stale offload file %s (%s); delete it by hand", path, exc)
             continue

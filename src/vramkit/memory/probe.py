@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import shutil
 import time
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ __all__ = [
     "default_offload_folder",
     "offload_free_bytes",
     "stale_offload_files",
+    "offload_host_tag",
     "OFFLOAD_SUFFIX",
     "ASSUMED_BANDWIDTH",
     "PINNED_FRACTION",
@@ -119,28 +121,57 @@ OFFLOAD_SUFFIX = ".vramkit-offload"
 _STALE_AFTER_S = 60.0
 
 
+#: Offload files this process holds. They are never probed: where flock is emulated with fcntl
+#: locks (NFS), a lock belongs to the process, so this process could take its own file's lock
+#: "exclusively", and closing the probe's descriptor would drop the lock the file is held by.
+_HELD_HERE: set[str] = set()
+
+
+def _holding(path: Path, held: bool) -> None:
+    """Record (``held=True``) or forget an offload file this process holds (used by the engine)."""
+    if held:
+        _HELD_HERE.add(str(path))
+    else:
+        _HELD_HERE.discard(str(path))
+
+
+def offload_host_tag() -> str:
+    """This machine's tag in offload file names (``<stem>-<tag>-<random><suffix>``): only files with
+    this tag are ever judged stale here. A flock taken on one machine may be invisible on another
+    that shares the folder (NFS with local locks, BeeGFS, Lustre ``localflock``)."""
+    name = platform.node() or "host"
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:40]
+
+
 def stale_offload_files(folder: str | os.PathLike[str] | None = None) -> list[Path]:
-    """The offload files in ``folder`` (default :func:`default_offload_folder`) that no live process
-    holds: left behind by a process that was killed before it could delete them. A file is in use
-    while its writer holds a shared ``flock`` on it; a file whose lock can be taken exclusively, and
-    that was not written to in the last minute, is stale. Empty where ``flock`` is unavailable
-    (nothing can be proven stale)."""
+    """The offload files of this machine in ``folder`` (default :func:`default_offload_folder`)
+    that no live process holds: left behind by a process that was killed before it could delete
+    them. A file is in use while its writer holds a shared ``flock`` on it; a file of this host
+    (:func:`offload_host_tag`) whose lock this process can take exclusively, that it could delete
+    (the folder is writable) and that was not written to in the last minute, is stale. Empty where
+    ``flock`` is unavailable (nothing can be proven stale)."""
     try:
         import fcntl
     except ImportError:
         return []
     root = Path(folder) if folder is not None else default_offload_folder()
+    if not os.access(root, os.W_OK):
+        return []  # nothing here could be deleted, so nothing counts as reclaimable
     try:
-        candidates = sorted(root.glob(f"*{OFFLOAD_SUFFIX}"))
+        candidates = sorted(root.glob(f"*-{offload_host_tag()}-*{OFFLOAD_SUFFIX}"))
     except OSError:
         return []
     stale: list[Path] = []
     now = time.time()
     for path in candidates:
+        if str(path) in _HELD_HERE:
+            continue
         try:
             if now - path.stat().st_mtime < _STALE_AFTER_S:
                 continue  # just created: its writer may not hold the lock yet
-            fd = os.open(path, os.O_RDONLY)
+            # Read-write: an exclusive lock needs it where flock is emulated with fcntl (NFS), and a
+            # file this process cannot write is not its to delete.
+            fd = os.open(path, os.O_RDWR)
         except OSError:
             continue
         try:
