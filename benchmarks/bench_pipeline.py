@@ -351,7 +351,7 @@ def resumed(path: str) -> tuple[list[dict[str, Any]], list[str]]:
 def write_payload(path: str, results: list[dict[str, Any]], commands: list[str]) -> None:
     env = environment()
     payload = {"environment": env, "size": ARGS.size, "results": results,
-               "commands": [*commands, env["command"]] if commands else [env["command"]]}
+               "commands": [*commands, env["command"]]}
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
 
@@ -373,9 +373,9 @@ def main() -> None:
                         "(ok, OOM or timeout; the reference too), append the rest (one run spread over several "
                         "calls on the same GPU; a file from another GPU is refused)")
     p.add_argument("--deadline", type=float, metavar="SECONDS",
-                   help="start no configuration that would likely end after this many seconds (the slowest "
-                        "configuration so far, or 90 s, is the estimate), so that a time-limited call ends "
-                        "with every row it started written")
+                   help="start no configuration that the slowest so far (at least 90 s) would not finish "
+                        "within this many seconds of the start, and cut any that runs past it (recorded as "
+                        "'cut', run again on --resume), so that a time-limited call ends with its rows written")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     ARGS = p.parse_args()
@@ -400,7 +400,8 @@ def main() -> None:
     if skipped:
         log(f"resuming {ARGS.resume}: {len(skipped)} configuration(s) already measured, {len(runs)} to go")
     # A crashed or failed row of a configuration that runs again is replaced, not kept beside it.
-    results = [r for r in results if (r["budget_gib"], r["config"]) not in set(runs)]
+    to_run = set(runs)
+    results = [r for r in results if (r["budget_gib"], r["config"]) not in to_run]
     slowest = 0.0
     for budget, config in runs:
         elapsed = time.perf_counter() - _STARTED

@@ -141,6 +141,8 @@ def pipeline(data: dict[str, Any]) -> list[str]:
             key = (r["budget_gib"], "fp8" in r["config"])
             best_step[key] = min(best_step.get(key, float("inf")), r["seconds_per_step"])
             best_image[key] = min(best_image.get(key, float("inf")), r["seconds_per_image_28"])
+    # Where some rows were timed from step events, the rows timed by difference are marked.
+    timed_by_events = any(r.get("step_timing") == "step events" for r in data["results"])
     for r in data["results"]:
         if r.get("status") != "ok":
             out.append(f"| {r['budget_gib']:g} | {r['config']} | {r.get('status')} | | | | | | | | | | | |")
@@ -162,25 +164,22 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         ps = f"{pred['seconds_per_step']:.3f}" if pred else ""
         pp = pa = ""
         if pred:
-            reserve_mib = 384 * 2**20
+            reserve = 384 * 2**20
             if _predicts_allocated(plan):
                 allocated = pred["peak_vram"]
-                padded = allocated * 1.05 + reserve_mib
+                padded = allocated * 1.05 + reserve
             else:
                 # Runs before the planner reported allocated memory recorded the padded peak; the
                 # allocated estimate inside it is (padded - 384 MiB) / 1.05 (the allocator reserve).
                 padded = pred["peak_vram"]
-                allocated = (padded - reserve_mib) / 1.05
+                allocated = (padded - reserve) / 1.05
             pp, pa = f"{padded / 2**30:.2f}", f"{allocated / 2**30:.2f}"
         key = (b, "fp8" in r["config"])
         step_x = f"{best_step[key] / r['seconds_per_step']:.2f}x" if key in best_step else ""
         image_x = f"{best_image[key] / r['seconds_per_image_28']:.2f}x" if key in best_image else ""
         floor = floor_seconds(data["results"], r)
         lb, ratio = (f"{floor:.3f}", f"{r['seconds_per_step'] / floor:.2f}") if floor else ("", "")
-        by_difference = any(x.get("step_timing") == "step events" for x in data["results"]) and (
-            r.get("step_timing") != "step events"
-        )
-        label = r["config"] + (" †" if by_difference else "")
+        label = r["config"] + (" †" if timed_by_events and r.get("step_timing") != "step events" else "")
         out.append(
             f"| {b:g} | {label} | {r['seconds_per_step']:.3f} | {r['seconds_per_image_28']:.1f} | "
             f"{r['peak_vram_gib']:.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {pa} | {lb} | {ratio} "

@@ -31,6 +31,8 @@ __all__ = [
     "cache_dir",
     "default_offload_folder",
     "offload_free_bytes",
+    "existing_ancestor",
+    "files_nbytes",
     "stale_offload_files",
     "offload_host_tag",
     "OFFLOAD_SUFFIX",
@@ -185,26 +187,39 @@ def stale_offload_files(folder: str | os.PathLike[str] | None = None) -> list[Pa
     return stale
 
 
+def existing_ancestor(path: str | os.PathLike[str]) -> Path:
+    """``path`` made absolute, or its nearest parent that exists (a folder not created yet is on
+    the disk of that parent)."""
+    found = Path(path).absolute()
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    return found
+
+
+def files_nbytes(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """Total size of the files that still exist among ``paths``."""
+    total = 0
+    for path in paths:
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            continue
+    return total
+
+
 def offload_free_bytes(folder: str | os.PathLike[str] | None = None) -> int | None:
     """Free bytes on the disk that holds ``folder`` (default :func:`default_offload_folder`), read
     at its nearest existing parent (the folder is created only when something is written); ``None``
     when it cannot be read."""
     folder_path = (Path(folder) if folder is not None else default_offload_folder()).absolute()
-    probe_at = folder_path
-    while not probe_at.exists() and probe_at != probe_at.parent:
-        probe_at = probe_at.parent
+    probe_at = existing_ancestor(folder_path)
     try:
         free = int(shutil.disk_usage(probe_at).free)
     except OSError as exc:
         logger.debug("free space of the offload folder %s not readable: %s", probe_at, exc)
         return None
     # Files left by a killed process are deleted before the next one is written: count them as free.
-    stale = 0
-    for path in stale_offload_files(folder_path):
-        try:
-            stale += path.stat().st_size
-        except OSError:
-            continue
+    stale = files_nbytes(stale_offload_files(folder_path))
     if stale:
         logger.info(
             "%.2f GB of stale offload files in %s count as free: they are deleted before vramkit writes the next one",

@@ -16,7 +16,6 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -419,32 +418,27 @@ def _offload_bytes_held(
     (default the default offload folder). A re-plan of a streamed pipeline (another ``optimize``,
     OOM recovery) undoes the old plan, which deletes these files, before the new one writes."""
     from ..engine.streamer import streamer_of
-    from ..memory.probe import default_offload_folder
+    from ..memory.probe import default_offload_folder, existing_ancestor, files_nbytes
 
-    target = Path(folder) if folder is not None else default_offload_folder()
-    target = target.absolute()
-    while not target.exists() and target != target.parent:
-        target = target.parent
     try:
-        disk = target.stat().st_dev
+        disk = existing_ancestor(folder if folder is not None else default_offload_folder()).stat().st_dev
     except OSError:
         return 0
-    total = 0
-    seen: set[str] = set()
+    held: set[str] = set()
     for module in modules.values():
         for sub in module.modules():
             streamer = streamer_of(sub)
             path = streamer.summary().get("offload_file") if streamer is not None else None
-            if not path or path in seen:
-                continue
-            seen.add(path)
-            try:
-                info = os.stat(path)
-            except OSError:
-                continue
-            if info.st_dev == disk:
-                total += info.st_size
-    return total
+            if path:
+                held.add(path)
+    on_disk = []
+    for path in held:
+        try:
+            if os.stat(path).st_dev == disk:
+                on_disk.append(path)
+        except OSError:
+            continue
+    return files_nbytes(on_disk)
 
 
 def plan_pipeline(

@@ -433,7 +433,7 @@ def _bandwidth_finding(report: DoctorReport, cuda: bool, measure: bool) -> None:
 
 
 def _offload_finding(report: DoctorReport) -> None:
-    from ..memory.probe import default_offload_folder, offload_free_bytes, stale_offload_files
+    from ..memory.probe import default_offload_folder, files_nbytes, offload_free_bytes, stale_offload_files
 
     folder = default_offload_folder()
     free = offload_free_bytes(folder)
@@ -444,12 +444,7 @@ def _offload_finding(report: DoctorReport) -> None:
         return
     detail = f"{where}: {free / _GIB:.1f} GiB free"
     if stale:
-        size = 0
-        for path in stale:
-            try:
-                size += path.stat().st_size
-            except OSError:
-                continue
+        size = files_nbytes(stale)
         report.findings.append(
             Finding(
                 "offload_folder",
