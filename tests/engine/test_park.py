@@ -199,3 +199,53 @@ def test_parked_streamer_starts_parked_when_applied_through_the_strategy(monkeyp
     out = pipe(**tiny_call_kwargs("flux")).images
     assert torch.equal(out, ref)
     undo()
+
+
+def _parked_away(module: torch.nn.Module) -> bool:
+    """Every floating tensor of ``module`` is a parked placeholder (an expanded zero: no storage)."""
+    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.is_floating_point()]
+    return bool(tensors) and all(t.numel() <= 1 or 0 in t.stride() for t in tensors)
+
+
+@pytest.mark.parametrize("component,resident", [("text_encoder_2", 0), ("text_encoder", None)])
+def test_text_encoder_parks_its_rest_too_bit_identical(component: str, resident: int | None) -> None:
+    """BlockStreaming(park_after_forward=True, park_rest=True): between prompts nothing of T5 (its
+    embedding included) or of a CLIP with every layer resident stays on the device; the images equal
+    the unoptimized pipeline's; restore gives back the same tensors."""
+    from vramkit.engine import find_block_stacks
+
+    pipe = tiny_pipeline("flux")
+    module = getattr(pipe, component)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    ref = [pipe(**tiny_call_kwargs("flux")).images for _ in range(2)]
+    n_blocks = sum(len(s) for _, s in find_block_stacks(module))
+    assert n_blocks > 0
+    streamer = enable_block_streaming(
+        module, resident=n_blocks if resident is None else resident, device="cpu",
+        park_after_forward=True, park_rest=True,
+    )
+    assert streamer.rest_host_nbytes > 0
+    streamer.park()
+    assert _parked_away(module)
+    first = pipe(**tiny_call_kwargs("flux")).images
+    assert streamer.parked and _parked_away(module)
+    second = pipe(**tiny_call_kwargs("flux")).images
+    assert torch.equal(first, ref[0]) and torch.equal(second, ref[1])
+    streamer.restore()  # while parked
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    assert not _parked_away(module) and streamer.rest_host_nbytes == 0
+
+
+def test_park_rest_needs_a_park_mode() -> None:
+    from vramkit.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="park_rest"):
+        BlockStreaming(park_rest=True)
+    with pytest.raises(InvalidRequestError, match="park_rest"):
+        BlockStreaming(park_after_forward=True, park_rest="yes")  # type: ignore[arg-type]
+    pipe = tiny_pipeline("flux")
+    with pytest.raises(InvalidRequestError, match="park_rest"):
+        enable_block_streaming(pipe.text_encoder_2, resident=0, device="cpu", park_rest=True)
+    assert "park_rest" not in BlockStreaming(park_after_forward=True).describe()
+    assert "park_rest=True" in BlockStreaming(park_after_forward=True, park_rest=True).describe()

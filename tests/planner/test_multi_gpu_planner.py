@@ -1,7 +1,8 @@
 """Planning across several GPUs (per-device budgets) on the full-size architectures (meta device).
 
-- FLUX.1-dev at 1024^2 on 2 x 12 GiB puts the transformer and the text encoders on different
-  devices, fits every device, and predicts fewer s/step than the best one-device 12 GiB plan;
+- FLUX.1-dev at 1024^2 with fp8 storage on 2 x 8 or 2 x 12 GiB (25 GB/s) puts the transformer and
+  the text encoders on different devices, fits every device, and predicts a faster image (and no
+  slower step) than the best one-device plan of the same budget;
 - no device's predicted peak is ever above its budget (property over per-device budgets);
 - the Plan JSON round trip stays exact; bad mappings raise InvalidBudgetError.
 """
@@ -37,12 +38,14 @@ def _device_of(plan: Plan, component: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("quality", ["auto", "lossless"])
-def test_two_gpus_split_beats_one_gpu(specs, quality):
+@pytest.mark.parametrize("vram", [8, 12])
+def test_two_gpus_split_beats_one_gpu(specs, vram):
     spec = specs["flux-dev"]
     req = Request(1024, 1024)
-    two = plan_for(spec, req, _budget({"cuda:0": 12 * GiB, "cuda:1": 12 * GiB}), quality)
-    one = plan_for(spec, req, Budget(vram=12 * GiB, ram=64 * GiB, pinned=int(0.55 * 64 * GiB), bandwidth=25e9), quality)
+    quality = "auto"
+    two = plan_for(spec, req, _budget({"cuda:0": vram * GiB, "cuda:1": vram * GiB}), quality)
+    one_budget = Budget(vram=vram * GiB, ram=64 * GiB, pinned=int(0.55 * 64 * GiB), bandwidth=25e9)
+    one = plan_for(spec, req, one_budget, quality)
     t_dev = _device_of(two, "transformer")
     te_dev = _device_of(two, "text_encoder")
     assert t_dev is not None and te_dev is not None and t_dev != te_dev
@@ -56,7 +59,9 @@ def test_two_gpus_split_beats_one_gpu(specs, quality):
         assert set(stage.devices) == {"cuda:0", "cuda:1"}
         assert stage.vram == max(stage.devices.values())
     assert one.predicted is not None
-    assert p.seconds_per_step < one.predicted.seconds_per_step
+    # Per step the split is at least as fast (with fp8 storage one 12 GiB GPU whose text encoders
+    # are parked between prompts already holds the whole transformer); per image it is faster.
+    assert p.seconds_per_step <= one.predicted.seconds_per_step
     assert p.seconds_per_image < one.predicted.seconds_per_image
     # The one-device plans were candidates and say why they lost.
     lost = [r for r in two.rejected if r.description.startswith("one GPU (cuda:0)")]
@@ -65,7 +70,7 @@ def test_two_gpus_split_beats_one_gpu(specs, quality):
     placed = [c for s in two.steps if s.strategy.name in ("Resident", "BlockStreaming") for c in s.strategy.components]
     assert sorted(placed) == sorted(spec.components)
     assert all(s.strategy.device in ("cuda:0", "cuda:1") for s in two.steps if s.strategy.name == "Resident")
-    assert two.request["vram_budgets"] == {"cuda:0": 12 * GiB, "cuda:1": 12 * GiB}
+    assert two.request["vram_budgets"] == {"cuda:0": vram * GiB, "cuda:1": vram * GiB}
     assert "cuda:1" in two.explain() and "peak VRAM per device" in two.explain()
 
 
@@ -188,7 +193,10 @@ def test_cli_bad_per_device_vram(capsys, argv, match):
 def test_split_must_gain_enough_over_one_device(specs):
     """At 55 GB/s the fp8 plans are compute-bound: the best split is predicted under 5 % faster than
     one device, and the 2 x H200 run measured it slower (0.187 vs 0.171 s/step), so one device is
-    kept and the plan says why; lossless (copy-bound) still splits (measured 1.14x faster)."""
+    kept and the plan says why. Lossless (copy-bound) split 1.14x faster on 2 x H200, against the
+    one-device plan of the time, whose text encoders stayed on the GPU through the steps; with both
+    parked between prompts one device keeps nearly as much of the transformer resident (the split
+    now gains only the VAE's 0.17 GB and T5's copies, under 5 %), so it stays on one device too."""
     spec = specs["flux-dev"]
     req = Request(1024, 1024)
     budget = _budget({"cuda:0": 12 * GiB, "cuda:1": 12 * GiB}, ram=120 * GiB, bandwidth=55e9)
@@ -197,4 +205,6 @@ def test_split_must_gain_enough_over_one_device(specs):
     assert any("not worth its cross-device transfers" in n for n in auto.notes)
     assert any("a split across devices must gain" in r.reason for r in auto.rejected)
     lossless = plan_for(spec, req, budget, "lossless")
-    assert _device_of(lossless, "transformer") != _device_of(lossless, "text_encoder")
+    assert _device_of(lossless, "transformer") == _device_of(lossless, "text_encoder_2") == "cuda:0"
+    assert any("not worth its cross-device transfers" in n for n in lossless.notes)
+    assert any(s.strategy.name == "BlockStreaming" and s.strategy.park_rest for s in lossless.steps)

@@ -32,11 +32,16 @@ __all__ = [
 
 #: Attribute paths of the repeated-block stacks, in execution order, for the architectures vramkit
 #: streams: FluxTransformer2DModel and FluxControlNetModel (double-stream blocks, then single-stream
-#: blocks) and T5EncoderModel / T5Stack (``encoder.block`` / ``block``).
+#: blocks), T5EncoderModel / T5Stack (``encoder.block`` / ``block``) and CLIPTextModel
+#: (``encoder.layers`` in transformers 5, ``text_model.encoder.layers`` before: streamed with every
+#: layer resident and parked between prompts, so that CLIP leaves the GPU while the transformer and
+#: the VAE run).
 BLOCK_STACK_PATHS: tuple[tuple[str, ...], ...] = (
     ("transformer_blocks", "single_transformer_blocks"),
     ("encoder.block",),
     ("block",),
+    ("encoder.layers",),
+    ("text_model.encoder.layers",),
 )
 
 

@@ -195,6 +195,7 @@ class BlockStreamer:
         park: bool = False,
         park_after_forward: bool = False,
         originals: str = "ram",
+        park_rest: bool = False,
     ) -> None:
         if host not in HOSTS:
             raise InvalidRequestError(f"host={host!r}: use one of {HOSTS}.")
@@ -265,6 +266,17 @@ class BlockStreamer:
         self.parked = False
         self._park_host: dict[int, HostBuffer] = {}
         self.park_count = 0
+        # Parking the module's "rest" too (the tensors outside every block: T5's 0.26 GB embedding,
+        # a resident CLIP's embeddings): a pinned host copy is made once, and the device copy is
+        # freed with the blocks, so a parked text encoder takes nothing on the GPU.
+        if park_rest and not self.parkable:
+            raise InvalidRequestError(
+                "park_rest=True parks the module's rest with its blocks: it needs park=True or park_after_forward=True."
+            )
+        self.park_rest = bool(park_rest)
+        self._rest_host: list[tuple[_Owners, str, torch.Tensor]] = []
+        self._rest_parked = False
+        self.rest_host_nbytes = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -524,6 +536,12 @@ class BlockStreamer:
                     self._move(owners, kind)
         for kind, owners in self._rest_groups():
             self._move(owners, kind)
+            if self.park_rest:
+                t = _current(owners, kind)
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._cuda)
+                host.copy_(t)
+                self._rest_host.append((owners, kind, host))
+                self.rest_host_nbytes += host.numel() * host.element_size()
 
     def _rest_groups(self) -> list[tuple[str, _Owners]]:
         """The tensors of the module outside every block, each with all its registrations."""
@@ -684,6 +702,13 @@ class BlockStreamer:
                     if key not in zeros:
                         zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
                     _assign(owners, kind, zeros[key].expand(t.shape))
+            for owners, kind, _ in self._rest_host:
+                t = _current(owners, kind)
+                key = (t.dtype, t.device)
+                if key not in zeros:
+                    zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
+                _assign(owners, kind, zeros[key].expand(t.shape))
+            self._rest_parked = bool(self._rest_host)
         self._dev_bufs.clear()
         self._slots = []
         self._scratch = None
@@ -715,8 +740,19 @@ class BlockStreamer:
                 buf = torch.empty(host.tensor.numel(), dtype=torch.uint8, device=self.device)
                 buf.copy_(host.tensor, non_blocking=self._cuda)
                 self._dev_bufs[pos] = buf
+            self._unpark_rest()
             self._point_all()
         self.parked = False
+
+    def _unpark_rest(self) -> None:
+        """Copy the parked rest back to the device (from its pinned host copy)."""
+        if not self._rest_parked:
+            return
+        for owners, kind, host in self._rest_host:
+            value = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            value.copy_(host, non_blocking=self._cuda)
+            _assign(owners, kind, value)
+        self._rest_parked = False
 
     # --- teardown -----------------------------------------------------------------------------
 
@@ -746,6 +782,12 @@ class BlockStreamer:
             host.release()
         self._park_host.clear()
         self.parked = False
+        # The rest comes back where start() found it: first onto the device (as if never parked),
+        # then, for what start() moved, to its original device below.
+        with torch.inference_mode(False):
+            self._unpark_rest()
+        self._rest_host.clear()
+        self.rest_host_nbytes = 0
         for owners, kind, device in reversed(self._moved):
             _assign(owners, kind, _current(owners, kind).to(device))
         self._moved.clear()
@@ -819,6 +861,8 @@ class BlockStreamer:
                 "file_nbytes_actual": self.file_nbytes,
                 "originals": self.originals,
                 "originals_nbytes_actual": self.originals_nbytes,
+                "park_rest": self.park_rest,
+                "rest_host_nbytes": self.rest_host_nbytes,
                 "offload_file": str(self._file.path) if self._file is not None else None,
                 "copier": type(self.copier).__name__ if self.copier is not None else None,
                 "fused_decodes": self.decoder.fused_calls,
@@ -894,6 +938,7 @@ def enable_block_streaming(
     park_after_forward: bool = False,
     unit: str = "block",
     originals: str = "ram",
+    park_rest: bool = False,
 ) -> BlockStreamer:
     """Stream ``module``'s repeated blocks onto ``device``; returns the started :class:`BlockStreamer`
     (call its ``restore()`` to undo). ``resident`` is a count (placed by
@@ -901,7 +946,9 @@ def enable_block_streaming(
     evenly within each stack) or explicit positions in execution order; ``host="disk"`` keeps the
     streamed blocks in a memory-mapped file in ``offload_folder``; ``originals="disk"`` keeps the
     original values of encoded tensors (for :meth:`~BlockStreamer.restore`) in a file there instead
-    of host RAM; ``unit="part"`` streams each
+    of host RAM; ``park_rest=True`` (with ``park`` or ``park_after_forward``) parks the tensors
+    outside the blocks too (a pinned host copy; nothing of the module stays on the device while
+    parked); ``unit="part"`` streams each
     block as its parts (smaller ring slots; ``resident`` then counts parts); see
     :func:`~vramkit.engine.layout.compute_layout` for the other arguments."""
     layout = compute_layout(module, resident, prefetch, storage, pinned_limit, alignment, unit)
@@ -918,4 +965,5 @@ def enable_block_streaming(
         offload_folder=offload_folder,
         source=source,
         originals=originals,
+        park_rest=park_rest,
     ).start()

@@ -81,7 +81,7 @@ class Family:
 
     fmt: str  # transformer (and ControlNet) weights: loaded, bf16, fp8, int8
     place: str  # resident, stream, offload, sequential
-    te: str  # text encoders: resident, cache, stream, stream_disk, none, sequential
+    te: str  # text encoders: resident, cache, stream, stream_parked, stream_disk, none, sequential
     host: str = "ram"  # where streamed transformer/ControlNet blocks live: ram, disk (offload file)
     unit: str = "block"  # what streams as one piece: whole blocks, or each block's parts
 
@@ -98,6 +98,7 @@ class Family:
             "resident": "text encoders resident",
             "cache": "text encoders released after encoding (PromptCache)",
             "stream": "T5 block-streamed",
+            "stream_parked": "T5 block-streamed, both text encoders parked between prompts",
             "stream_disk": "T5 block-streamed from disk",
             "none": "no text encoders",
         }[self.te]
@@ -421,6 +422,10 @@ def _families(ctx: _Ctx) -> list[Family]:
         tes = ["resident", "cache"]
         if ctx.can_stream(ctx.t5, "loaded"):
             tes += ["stream", "stream_disk"]
+            # The smallest budgets: the text encoders leave the GPU whole between prompts (T5's
+            # embedding and CLIP too), so the VAE decode's activations fit beside the VAE alone.
+            if ctx.can_stream(ctx.clip, "loaded"):
+                tes.append("stream_parked")
     fams = []
     for fmt in fmts:
         places = ["resident", "offload"]
@@ -675,20 +680,43 @@ def _evaluate(
             te_seconds = ctx.te_passes * ctx.te_compute() + move
             info["te_move_seconds"] = move
             n_steps += 1
-        elif fam.te == "stream":
+        elif fam.te in ("stream", "stream_parked"):
             assert ctx.t5 is not None
             g = ctx.geo(ctx.t5, "loaded", 0)
             pin = _greedy_pinned(g.blocks, pin_left)
             pin_left -= pin
-            # BlockStreaming(park_after_forward=True): T5's ring is on the GPU while it encodes only;
-            # its small rest (embedding, final norm) stays.
-            persist += w_clip + g.rest
-            te_extra += g.device - g.rest
             ram += g.streamed + g.retained
             pinned += pin
+            back = 0.0
+            if fam.te == "stream":
+                # BlockStreaming(park_after_forward=True): T5's ring is on the GPU while it encodes
+                # only; its small rest (embedding, final norm) stays, and so does CLIP.
+                persist += w_clip + g.rest
+                te_extra += g.device - g.rest
+            else:
+                # park_rest=True as well, and CLIP streamed with every layer resident and parked the
+                # same way: both live in pinned host copies between prompts and are copied back
+                # (not overlapped) when a prompt is encoded.
+                assert ctx.clip is not None
+                gc = ctx.geo(ctx.clip, "loaded", ctx.n_blocks("text_encoder", "loaded"))
+                te_extra += g.device + gc.device
+                parked = g.rest + gc.device
+                ram += parked
+                pinned += parked
+                pin_left -= parked
+                back = parked / ctx.bw
+                info["te_parked"] = parked
+                info["te_back_seconds"] = back
+                info["clip_geo"] = gc
             t5_c = text_encode_seconds(cal, ctx.t5.sizes, None, ctx.text_tokens)
             clip_c = text_encode_seconds(cal, None, ctx.clip.sizes, ctx.text_tokens) if ctx.clip is not None else 0.0
-            one = ctx.smooth(t5_c, pin / ctx.bw) + (g.streamed - pin) / ctx.pageable + cal.stream_overhead_s + clip_c
+            one = (
+                ctx.smooth(t5_c, pin / ctx.bw)
+                + (g.streamed - pin) / ctx.pageable
+                + cal.stream_overhead_s
+                + clip_c
+                + back
+            )
             te_seconds = ctx.te_passes * one
             info["t5_geo"] = g
             info["t5_pinned"] = pin
@@ -1221,7 +1249,7 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                     f"a repeated prompt costs nothing), leaving that memory to the transformer.",
                 )
             )
-        if fam.te == "stream":
+        if fam.te in ("stream", "stream_parked"):
             BlockStreaming = _block_streaming()
             assert BlockStreaming is not None and ctx.t5 is not None
             g = info["t5_geo"]
@@ -1229,6 +1257,12 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
             w_t5 = ctx.w(ctx.t5)
             move = 2 * (ctx.w(ctx.clip) + w_t5) / ctx.pageable
             where = "pinned RAM" if pin >= g.streamed else f"host RAM ({_gb(pin)} pinned, the rest pageable)"
+            parked = fam.te == "stream_parked"
+            after = (
+                "nothing after: its ring is freed and its embedding parked in pinned RAM until the next prompt"
+                if parked
+                else f"{_gb(g.rest)} after: its ring is freed until the next prompt"
+            )
             steps.append(
                 (
                     BlockStreaming(
@@ -1237,14 +1271,33 @@ def _steps(res: SearchResult, cand: Candidate) -> list[PlanStep]:
                         components=("text_encoder_2",),
                         pinned_limit=pin if pin < g.streamed else None,
                         park_after_forward=True,
+                        park_rest=parked,
                     ),
                     "text_encoder_2",
                     f"T5 ({_gb(w_t5)}) runs once per prompt: streaming its {g.n_streamed} blocks from {where} "
                     f"takes {info['t5_one']:.2f} s per prompt and needs only {_gb(g.device)} on the GPU while it "
-                    f"encodes ({_gb(g.rest)} after: its ring is freed until the next prompt), instead of "
+                    f"encodes ({after}), instead of "
                     f"{_gb(w_t5)} resident through every step or {move:.1f} s to move it in and out whole.",
                 )
             )
+            if parked:
+                gc = info["clip_geo"]
+                steps.append(
+                    (
+                        BlockStreaming(
+                            resident=gc.n_resident,
+                            prefetch=_PREFETCH,
+                            components=("text_encoder",),
+                            park_after_forward=True,
+                            park_rest=True,
+                        ),
+                        "text_encoder",
+                        f"CLIP ({_gb(ctx.w(ctx.clip))}) and T5's embedding ({_gb(g.rest)}) leave the GPU between "
+                        f"prompts: pinned host copies ({_gb(info['te_parked'])}) are copied back when a prompt is "
+                        f"encoded ({info['te_back_seconds']:.3f} s, lossless), so the denoising steps and the VAE "
+                        f"decode have that memory; {binding}.",
+                    )
+                )
     if fam.te == "stream_disk":
         BlockStreaming = _block_streaming()
         assert BlockStreaming is not None and ctx.t5 is not None

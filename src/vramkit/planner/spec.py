@@ -224,7 +224,7 @@ def _splits_into_parts(stacks: list[tuple[str, torch.nn.Module]]) -> bool:
         return False
 
 
-_STREAMABLE = ("transformer", "controlnet", "text_encoder_2")
+_STREAMABLE = ("transformer", "controlnet", "text_encoder_2", "text_encoder")
 
 
 def spec_from_modules(

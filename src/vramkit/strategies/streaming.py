@@ -40,7 +40,7 @@ __all__ = [
 logger = logging.getLogger("vramkit")
 
 #: Components BlockStreaming knows the blocks of.
-STREAMABLE_COMPONENTS = ("transformer", "controlnet", "text_encoder_2")
+STREAMABLE_COMPONENTS = ("transformer", "controlnet", "text_encoder_2", "text_encoder")
 NO_CUDA_REASON = "no CUDA device: BlockStreaming is a no-op here"
 _SOURCE_ATTR = "_vramkit_weight_source"
 
@@ -86,7 +86,8 @@ class BlockStreaming(Strategy):
       store wider floats in 16 bits; ``"fp8"`` (float8_e4m3fn) and ``"int8"`` store the Linear
       weights of every block with one scale per output channel, upcast on the GPU per block
       (lossy; halves the bytes on the wire and at rest).
-    - ``components``: default ``("transformer",)``; ``"controlnet"`` and ``"text_encoder_2"`` (T5)
+    - ``components``: default ``("transformer",)``; ``"controlnet"``, ``"text_encoder_2"`` (T5) and
+      ``"text_encoder"`` (CLIP, with ``park_after_forward`` and ``park_rest``: parked between prompts)
       are also streamable.
     - ``device``: default ``cuda:0`` (the current CUDA device).
     - ``budget``: bytes of GPU memory the component's weights may take (the rest of the model, the
@@ -107,6 +108,11 @@ class BlockStreaming(Strategy):
     - ``park_after_forward``: free the resident blocks, the ring and the scratch at the end of every
       forward of the component (the next forward brings them back). For a text encoder, which runs
       once per prompt: its ring would otherwise sit on the GPU through every denoising step.
+    - ``park_rest``: with ``park_during_decode`` or ``park_after_forward``, park the component's
+      tensors outside its blocks too (T5's 0.26 GB embedding; everything of a CLIP streamed with all
+      its layers resident): a pinned host copy is made once, and while parked nothing of the
+      component stays on the GPU; the next forward copies it back (lossless). For the smallest
+      budgets, where the VAE decode's activations must fit beside only the VAE.
     - ``originals``: where the original values of the weights a lossy or cast ``storage`` re-encodes
       are kept until restore (an exact restore needs them). ``"ram"`` (default) keeps them in host
       RAM: fastest to apply and restore, but host RAM then holds the packed copy *and* the originals
@@ -149,6 +155,7 @@ class BlockStreaming(Strategy):
     park_after_forward: bool = False
     unit: str = "block"
     originals: str = "ram"
+    park_rest: bool = False
 
     name: ClassVar[str] = "BlockStreaming"
     order: ClassVar[int] = 70
@@ -212,6 +219,13 @@ class BlockStreaming(Strategy):
             raise InvalidRequestError(
                 f"BlockStreaming(park_after_forward={self.park_after_forward!r}): give True or False."
             )
+        if not isinstance(self.park_rest, bool):
+            raise InvalidRequestError(f"BlockStreaming(park_rest={self.park_rest!r}): give True or False.")
+        if self.park_rest and not (self.park_during_decode or self.park_after_forward):
+            raise InvalidRequestError(
+                "BlockStreaming(park_rest=True) parks the component's rest together with its blocks: add "
+                "park_during_decode=True or park_after_forward=True."
+            )
         if self.offload_folder is not None:
             if not isinstance(self.offload_folder, (str, os.PathLike)) or not str(self.offload_folder):
                 raise InvalidRequestError(
@@ -232,6 +246,8 @@ class BlockStreaming(Strategy):
             text = text.replace(", unit='block'", "")
         if self.originals == "ram" or self.host == "disk":
             text = text.replace(f", originals={self.originals!r}", "")
+        if not self.park_rest:
+            text = text.replace(", park_rest=False", "")
         return text
 
     # --- plan-time answers --------------------------------------------------------------------
@@ -346,6 +362,7 @@ def apply_block_streaming(pipe: Any, config: BlockStreaming, component: str | No
                     source=weight_source_of(target),
                     park=config.park_during_decode,
                     park_after_forward=config.park_after_forward,
+                    park_rest=config.park_rest,
                 ).start()
             )
         unhook = _park_around_vae_decode(pipe, streamers) if config.park_during_decode else None
