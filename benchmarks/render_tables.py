@@ -321,6 +321,8 @@ def main() -> int:
         ("pipeline_1024_8gib_parts_h100.json", pipeline),
         ("pipeline_1024_12gib_h100.json", pipeline),
         ("pipeline_512_8gib_h100.json", pipeline),
+        ("pipeline_1024_h100.json", pipeline),
+        ("pipeline_512_h100.json", pipeline),
         ("pipeline_1024_8gib_compile_h200.json", pipeline),
         ("pipeline_512_8gib_partial_h200.json", pipeline),
         ("pipeline_1024_h200.json", pipeline),
