@@ -217,6 +217,7 @@ def test_text_encoder_parks_its_rest_too_bit_identical(component: str, resident:
     pipe = tiny_pipeline("flux")
     module = getattr(pipe, component)
     before = {k: v.clone() for k, v in module.state_dict().items()}
+    params = dict(module.named_parameters(remove_duplicate=False))
     ref = [pipe(**tiny_call_kwargs("flux")).images for _ in range(2)]
     n_blocks = sum(len(s) for _, s in find_block_stacks(module))
     assert n_blocks > 0
@@ -234,7 +235,26 @@ def test_text_encoder_parks_its_rest_too_bit_identical(component: str, resident:
     streamer.restore()  # while parked
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
-    assert not _parked_away(module) and streamer.rest_host_nbytes == 0
+    assert not _parked_away(module) and streamer.rest_host_nbytes == 0 and not streamer._rest_host
+    # The same Parameter objects come back, ties included (T5's shared / encoder.embed_tokens).
+    now = dict(module.named_parameters(remove_duplicate=False))
+    assert now.keys() == params.keys() and all(now[k] is params[k] for k in params)
+    if component == "text_encoder_2":
+        assert module.encoder.embed_tokens.weight is module.shared.weight
+
+
+def test_park_rest_restore_while_unparked_is_exact() -> None:
+    pipe = tiny_pipeline("flux")
+    module = pipe.text_encoder_2
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    streamer = enable_block_streaming(module, resident=1, device="cpu", park_after_forward=True, park_rest=True)
+    streamer.park()
+    streamer.unpark()
+    assert not streamer.parked and not _parked_away(module)
+    streamer.restore()
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert module.encoder.embed_tokens.weight is module.shared.weight
 
 
 def test_park_rest_needs_a_park_mode() -> None:

@@ -73,7 +73,8 @@ def test_lossy_on_cuda(strategy, tolerance):
     assert (out - reference).abs().max().item() <= tolerance
 
 
-def test_parked_text_encoders_on_cuda_bit_identical():
+@pytest.mark.parametrize("encoders_on", ["cuda", "cpu"])
+def test_parked_text_encoders_on_cuda_bit_identical(encoders_on):
     """The smallest-budget plan's text encoders: T5 streamed and CLIP with every layer resident, both
     parked (rest included) after each prompt. Same images as the unoptimized pipeline on this GPU;
     nothing of either encoder on the GPU between prompts; restore gives back every hook and tensor."""
@@ -82,6 +83,12 @@ def test_parked_text_encoders_on_cuda_bit_identical():
     pipe = tiny_pipeline("flux").to("cuda")
     _run(pipe, "flux")
     reference = [_run(pipe, "flux") for _ in range(2)]
+    if encoders_on == "cpu":
+        # The real case: the encoders start in host RAM, stream to the GPU, and restore puts them back.
+        pipe.text_encoder.to("cpu")
+        pipe.text_encoder_2.to("cpu")
+    params = {n: dict(pipe.components[n].named_parameters(remove_duplicate=False))
+              for n in ("text_encoder", "text_encoder_2")}
     n_clip = len(pipe.text_encoder.encoder.layers) if hasattr(pipe.text_encoder, "encoder") else len(
         pipe.text_encoder.text_model.encoder.layers
     )
@@ -96,4 +103,10 @@ def test_parked_text_encoders_on_cuda_bit_identical():
         assert all(0 in t.stride() for t in tensors), name  # parked: expanded zeros, no storage
     vramkit.restore(pipe)
     assert_no_hooks(pipe, type(pipe))
+    for name, before in params.items():
+        now = dict(pipe.components[name].named_parameters(remove_duplicate=False))
+        assert all(now[k] is before[k] and now[k].device.type == encoders_on for k in before), name
+    if encoders_on == "cpu":
+        pipe.text_encoder.to("cuda")
+        pipe.text_encoder_2.to("cuda")
     assert torch.equal(_run(pipe, "flux"), reference[0])

@@ -274,7 +274,9 @@ class BlockStreamer:
                 "park_rest=True parks the module's rest with its blocks: it needs park=True or park_after_forward=True."
             )
         self.park_rest = bool(park_rest)
-        self._rest_host: list[tuple[_Owners, str, torch.Tensor]] = []
+        # (owners, kind, host buffer, a typed view of it) per rest tensor; HostBuffer, not
+        # pin_memory=True: exact size, released on restore, pin_method honoured, pageable on failure.
+        self._rest_host: list[tuple[_Owners, str, HostBuffer, torch.Tensor]] = []
         self._rest_parked = False
         self.rest_host_nbytes = 0
 
@@ -538,10 +540,12 @@ class BlockStreamer:
             self._move(owners, kind)
             if self.park_rest:
                 t = _current(owners, kind)
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._cuda)
-                host.copy_(t)
-                self._rest_host.append((owners, kind, host))
-                self.rest_host_nbytes += host.numel() * host.element_size()
+                nbytes = t.numel() * t.element_size()
+                buf = HostBuffer(nbytes, pin=self._cuda, method=self.pin_method)
+                view = buf.tensor.view(t.dtype).view(t.shape)
+                view.copy_(t)
+                self._rest_host.append((owners, kind, buf, view))
+                self.rest_host_nbytes += nbytes
 
     def _rest_groups(self) -> list[tuple[str, _Owners]]:
         """The tensors of the module outside every block, each with all its registrations."""
@@ -702,7 +706,7 @@ class BlockStreamer:
                     if key not in zeros:
                         zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
                     _assign(owners, kind, zeros[key].expand(t.shape))
-            for owners, kind, _ in self._rest_host:
+            for owners, kind, _, _ in self._rest_host:
                 t = _current(owners, kind)
                 key = (t.dtype, t.device)
                 if key not in zeros:
@@ -744,14 +748,40 @@ class BlockStreamer:
             self._point_all()
         self.parked = False
 
+    @property
+    def park_pinned_nbytes(self) -> int:
+        """Pinned host copies kept for parking (resident blocks and the rest), beside
+        ``pinned_nbytes`` (the streamed blocks')."""
+        blocks = sum(h.nbytes for h in self._park_host.values() if h.pinned)
+        return blocks + sum(buf.nbytes for _, _, buf, _ in self._rest_host if buf.pinned)
+
     def _unpark_rest(self) -> None:
         """Copy the parked rest back to the device (from its pinned host copy)."""
         if not self._rest_parked:
             return
-        for owners, kind, host in self._rest_host:
-            value = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            value.copy_(host, non_blocking=self._cuda)
+        for owners, kind, buf, view in self._rest_host:
+            value = torch.empty(view.shape, dtype=view.dtype, device=self.device)
+            value.copy_(view, non_blocking=self._cuda and buf.pinned)
             _assign(owners, kind, value)
+            self.stats.bytes_copied += value.numel() * value.element_size()
+        self._rest_parked = False
+
+    def _restore_parked_rest(self) -> None:
+        """Teardown of a parked rest: each tensor goes straight back to where start() found it. A
+        rest that came from host RAM gets a pageable copy of its host copy (no trip through the
+        device, whose memory is what the smallest budgets lack); one that was on the device already
+        is copied back there (blocking: the host buffers are released right after)."""
+        if not self._rest_parked:
+            return
+        came_from = {id(owners): device for owners, _, device in self._moved}
+        for owners, kind, _, view in self._rest_host:
+            origin = came_from.get(id(owners))
+            if origin is not None and origin.type != self.device.type:
+                _assign(owners, kind, view.clone().to(origin))
+            else:
+                value = torch.empty(view.shape, dtype=view.dtype, device=self.device)
+                value.copy_(view)
+                _assign(owners, kind, value)
         self._rest_parked = False
 
     # --- teardown -----------------------------------------------------------------------------
@@ -782,10 +812,10 @@ class BlockStreamer:
             host.release()
         self._park_host.clear()
         self.parked = False
-        # The rest comes back where start() found it: first onto the device (as if never parked),
-        # then, for what start() moved, to its original device below.
         with torch.inference_mode(False):
-            self._unpark_rest()
+            self._restore_parked_rest()
+        for _, _, buf, _ in self._rest_host:
+            buf.release()
         self._rest_host.clear()
         self.rest_host_nbytes = 0
         for owners, kind, device in reversed(self._moved):

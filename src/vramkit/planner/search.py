@@ -617,7 +617,20 @@ def _evaluate(
         n_steps = 1
         info["seq_bytes"] = stream_bytes
     else:
-        # --- transformer and ControlNet (first: they get the pinned memory first) ---
+        parked = 0
+        if fam.te == "stream_parked":
+            # The parked text encoders' host copies (T5's rest, all of CLIP) are pinned before
+            # anything streams: they are small, and the engine pins them whatever is left.
+            assert ctx.clip is not None and ctx.t5 is not None
+            gc = ctx.geo(ctx.clip, "loaded", ctx.n_blocks("text_encoder", "loaded"))
+            parked = ctx.geo(ctx.t5, "loaded", 0).rest + gc.device
+            if parked > pin_left:
+                info["pin_problem"] = (
+                    f"the text encoders' parked copies ({format_bytes(parked)}) do not fit the pinned memory budget "
+                    f"({format_bytes(pin_left)})"
+                )
+            pin_left -= parked
+        # --- transformer and ControlNet (first after those: they get the pinned memory first) ---
         fmt = fam.fmt
         if fmt == "bf16":
             n_steps += 1  # Precision
@@ -654,7 +667,7 @@ def _evaluate(
                     info[f"{key}_ws"] = ws
                     pin = 0
                 else:
-                    pin = _greedy_pinned(g.blocks, pin_left)
+                    pin = _greedy_pinned(g.blocks, max(0, pin_left))
                     pin_left -= pin
                     # The originals are placed once the whole plan's RAM is known (below).
                     ram += g.streamed
@@ -683,7 +696,7 @@ def _evaluate(
         elif fam.te in ("stream", "stream_parked"):
             assert ctx.t5 is not None
             g = ctx.geo(ctx.t5, "loaded", 0)
-            pin = _greedy_pinned(g.blocks, pin_left)
+            pin = _greedy_pinned(g.blocks, max(0, pin_left))
             pin_left -= pin
             ram += g.streamed + g.retained
             pinned += pin
@@ -697,14 +710,12 @@ def _evaluate(
                 # park_rest=True as well, and CLIP streamed with every layer resident and parked the
                 # same way: both live in pinned host copies between prompts and are copied back
                 # (not overlapped) when a prompt is encoded.
-                assert ctx.clip is not None
-                gc = ctx.geo(ctx.clip, "loaded", ctx.n_blocks("text_encoder", "loaded"))
-                te_extra += g.device + gc.device
-                parked = g.rest + gc.device
+                # CLIP runs (and parks) before T5 starts: the stage holds one of them at a time.
+                te_extra += max(g.device, gc.device)
                 ram += parked
                 pinned += parked
-                pin_left -= parked
                 back = parked / ctx.bw
+                n_steps += 1  # the CLIP step
                 info["te_parked"] = parked
                 info["te_back_seconds"] = back
                 info["clip_geo"] = gc
@@ -897,6 +908,8 @@ def _evaluate(
         problems.append(
             f"needs {format_bytes(disk_need)} in the offload folder ({format_bytes(budget.disk_free)} free on its disk)"
         )
+    if info.get("pin_problem"):
+        problems.append(info["pin_problem"])
     cand.fits = not problems
     cand.why_not = "; ".join(problems)
     return cand

@@ -166,7 +166,10 @@ def pinned_reader(
         return int(stats.get("allocated_bytes.peak", stats.get("allocated_bytes.current", 0)))
 
     def read_peak() -> int | None:
-        engine_pinned = sum(int(getattr(s, "pinned_nbytes", 0) or 0) for s in _streamers(modules()))
+        engine_pinned = sum(
+            int(getattr(s, "pinned_nbytes", 0) or 0) + int(getattr(s, "park_pinned_nbytes", 0) or 0)
+            for s in _streamers(modules())
+        )
         if not torch.cuda.is_initialized():
             return engine_pinned
         return allocator_peak() + engine_pinned
