@@ -82,7 +82,12 @@ def test_plans_pass_the_conflict_checks(specs, model, vram, req, quality):
 def test_8gib_flux_dev_streams_the_transformer_and_t5(specs):
     plan = plan_for(specs["flux-dev"], Request(), _budget(8), "auto")
     streamed = {s.component for s in plan.steps if s.strategy.name == "BlockStreaming"}
-    assert streamed == {"transformer", "text_encoder_2"}
+    # CLIP too: with fp8 storage the text encoding binds at 8 GiB, and parking both encoders between
+    # prompts (CLIP "streamed" with every layer resident) leaves it only the encoder that runs.
+    assert streamed == {"transformer", "text_encoder_2", "text_encoder"}
+    for te in ("text_encoder", "text_encoder_2"):
+        s = next(st.strategy for st in plan.steps if st.component == te)
+        assert s.park_after_forward and s.park_rest
     tr = next(s for s in plan.steps if s.component == "transformer")
     # Streamed by parts (FLUX.1-dev: 247 parts in 57 blocks): the ring holds parts, not blocks.
     assert tr.strategy.unit == "part"
