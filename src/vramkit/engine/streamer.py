@@ -698,15 +698,10 @@ class BlockStreamer:
         # both before the memory goes back to the allocator (once per pipeline call).
         self._synchronize()
         zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        held = [kind_owners for b in self.layout.blocks for kind_owners in self._tensors[b.position].values()]
+        held += [(kind, owners) for owners, kind, _, _ in self._rest_host]
         with torch.inference_mode(False):
-            for b in self.layout.blocks:
-                for _, (kind, owners) in self._tensors[b.position].items():
-                    t = _current(owners, kind)
-                    key = (t.dtype, t.device)
-                    if key not in zeros:
-                        zeros[key] = torch.zeros((), dtype=t.dtype, device=t.device)
-                    _assign(owners, kind, zeros[key].expand(t.shape))
-            for owners, kind, _, _ in self._rest_host:
+            for kind, owners in held:
                 t = _current(owners, kind)
                 key = (t.dtype, t.device)
                 if key not in zeros:
@@ -755,33 +750,24 @@ class BlockStreamer:
         blocks = sum(h.nbytes for h in self._park_host.values() if h.pinned)
         return blocks + sum(buf.nbytes for _, _, buf, _ in self._rest_host if buf.pinned)
 
-    def _unpark_rest(self) -> None:
-        """Copy the parked rest back to the device (from its pinned host copy)."""
+    def _unpark_rest(self, to_origin: bool = False) -> None:
+        """Copy the parked rest back to the device from its host copy. With ``to_origin`` (teardown)
+        each tensor goes straight back to where start() found it: one that came from host RAM gets a
+        pageable copy of its host copy (no trip through the device, whose memory is what the smallest
+        budgets lack), and the device copies block (the host buffers are released right after)."""
         if not self._rest_parked:
             return
+        came_from = {id(owners): device for owners, _, device in self._moved} if to_origin else {}
         for owners, kind, buf, view in self._rest_host:
-            value = torch.empty(view.shape, dtype=view.dtype, device=self.device)
-            value.copy_(view, non_blocking=self._cuda and buf.pinned)
-            _assign(owners, kind, value)
-            self.stats.bytes_copied += value.numel() * value.element_size()
-        self._rest_parked = False
-
-    def _restore_parked_rest(self) -> None:
-        """Teardown of a parked rest: each tensor goes straight back to where start() found it. A
-        rest that came from host RAM gets a pageable copy of its host copy (no trip through the
-        device, whose memory is what the smallest budgets lack); one that was on the device already
-        is copied back there (blocking: the host buffers are released right after)."""
-        if not self._rest_parked:
-            return
-        came_from = {id(owners): device for owners, _, device in self._moved}
-        for owners, kind, _, view in self._rest_host:
             origin = came_from.get(id(owners))
             if origin is not None and origin.type != self.device.type:
                 _assign(owners, kind, view.clone().to(origin))
-            else:
-                value = torch.empty(view.shape, dtype=view.dtype, device=self.device)
-                value.copy_(view)
-                _assign(owners, kind, value)
+                continue
+            value = torch.empty(view.shape, dtype=view.dtype, device=self.device)
+            value.copy_(view, non_blocking=self._cuda and buf.pinned and not to_origin)
+            _assign(owners, kind, value)
+            if not to_origin:
+                self.stats.bytes_copied += value.numel() * value.element_size()
         self._rest_parked = False
 
     # --- teardown -----------------------------------------------------------------------------
@@ -813,7 +799,7 @@ class BlockStreamer:
         self._park_host.clear()
         self.parked = False
         with torch.inference_mode(False):
-            self._restore_parked_rest()
+            self._unpark_rest(to_origin=True)
         for _, _, buf, _ in self._rest_host:
             buf.release()
         self._rest_host.clear()

@@ -622,7 +622,7 @@ def _evaluate(
             # The parked text encoders' host copies (T5's rest, all of CLIP) are pinned before
             # anything streams: they are small, and the engine pins them whatever is left.
             assert ctx.clip is not None and ctx.t5 is not None
-            gc = ctx.geo(ctx.clip, "loaded", ctx.n_blocks("text_encoder", "loaded"))
+            gc = info["clip_geo"] = ctx.geo(ctx.clip, "loaded", ctx.n_blocks("text_encoder", "loaded"))
             parked = ctx.geo(ctx.t5, "loaded", 0).rest + gc.device
             if parked > pin_left:
                 info["pin_problem"] = (
@@ -711,14 +711,13 @@ def _evaluate(
                 # same way: both live in pinned host copies between prompts and are copied back
                 # (not overlapped) when a prompt is encoded.
                 # CLIP runs (and parks) before T5 starts: the stage holds one of them at a time.
-                te_extra += max(g.device, gc.device)
+                te_extra += max(g.device, info["clip_geo"].device)
                 ram += parked
                 pinned += parked
                 back = parked / ctx.bw
                 n_steps += 1  # the CLIP step
                 info["te_parked"] = parked
                 info["te_back_seconds"] = back
-                info["clip_geo"] = gc
             t5_c = text_encode_seconds(cal, ctx.t5.sizes, None, ctx.text_tokens)
             clip_c = text_encode_seconds(cal, None, ctx.clip.sizes, ctx.text_tokens) if ctx.clip is not None else 0.0
             one = (
