@@ -1,49 +1,72 @@
-"""Whole FLUX pipelines under simulated small cards: vramkit against diffusers' built-in options.
+"""Whole FLUX pipelines under simulated small cards: vramkit against diffusers' options and peers.
 
-Run on the GPU machine from the repository root (one fresh process per configuration, so hooks and
-caches of one never inflate the peaks of the next):
+Run on the GPU machine from the repository root:
 
-    PYTHONPATH=src:/tmp/site python3 benchmarks/bench_pipeline.py --size 1024 --budgets 8,12
+    PYTHONPATH=src:/tmp/site python3 benchmarks/bench_pipeline.py --size 1024 --budgets 4,6,8,12,16,24
 
 Peers (``--configs ...,diffusers-mm,diffusers-dynamic-offloader,mmgp,mmgp-int8``) need their wheels in
 /tmp/site: diffusers-mm 0.4.0, diffusers-dynamic-offloader 0.1.0rc2, mmgp 3.8.2 and optimum-quanto 0.2.7
 (``pip download --no-deps`` into ``.whl/``, installed there with ``pip install --no-deps --target``).
 
-Each configuration builds the full-size FLUX.1-dev pipeline (T5-XXL, CLIP-L, transformer, VAE) with
-random bf16 weights on the GPU, moves it to host RAM, allocates a ballast so that
-``torch.cuda.mem_get_info()`` reports exactly the budget as free (any overshoot is a real CUDA OOM),
-applies the option, and times a 2-step and an N-step call. s/step is the mean gap between the
-ends of consecutive steps of the N-step call (CUDA events recorded from ``callback_on_step_end``:
-every step after the first, a slow one included, free of per-call costs; the median is kept as
-``seconds_per_step_median``); s/image is the N-step call plus 28-N steps at that rate. The
-difference of the two calls over N-2 steps (what results before 2026-12-06 report as s/step) is kept
-as ``seconds_per_step_difference``. Peak VRAM is ``max_memory_allocated`` minus the ballast,
-peak host RAM the process RSS sampled every 50 ms. ``--tiny`` runs the same harness on the tiny CPU
-pipeline (to check the harness, not to measure). Writes ``$OUT/pipeline_<size>.json`` and prints a table.
+The pipeline is the full-size FLUX.1-dev (T5-XXL, CLIP-L, transformer, VAE) with random bf16 weights,
+built once on the GPU (seed 0) by a fresh process that writes them raw to ``--weights-cache`` (31.4 GiB
+on local disk, reused by later calls on the same machine). This process reads them into host RAM, never
+touches CUDA, and forks one child per configuration: each child starts with the pipeline in host RAM
+as a fresh process would (its resident set counts those pages; what it frees or pins is its own), and
+no configuration's hooks, caches or CUDA state reach another. A ballast makes
+``torch.cuda.mem_get_info()`` report exactly the budget as free (any overshoot is a real CUDA OOM).
+
+Options that never read the free memory (diffusers' built-ins; mmgp, which sizes itself from the
+device's total memory) are applied once per child and measured at every budget from the largest
+down ("sweep" rows): before each budget the caching allocator is emptied and the ballast resized so
+that the free memory is the budget less what the option holds between calls, as it would be in a
+fresh process. Once one runs out of memory, the smaller budgets are recorded as OOM without running
+(``oom_implied_by``): an option whose footprint does not depend on the budget cannot fit in less.
+vramkit and the peers that read the free memory get a child of their own per budget ("fork" rows).
+
+Each measurement is a 2-step warm-up call (first-call costs: pinning, lazy init, autotuning) and an
+N-step call. s/step is the mean gap between the ends of consecutive steps of the N-step call (CUDA
+events recorded from ``callback_on_step_end``: every step after the first, a slow one included, free
+of per-call costs; the median is kept as ``seconds_per_step_median``); s/image is the N-step call
+plus 28-N steps at that rate. Peak VRAM is ``max_memory_allocated`` minus the ballast, peak host RAM
+the child's RSS sampled every 50 ms (apply included; cumulative over a sweep). ``--tiny`` runs the
+same harness on the tiny CPU pipeline (to check the harness, not to measure). Writes
+``$OUT/pipeline_<size>.json`` and prints a table.
 
 A device call is limited in time, so one run per resolution may need several calls on the same
-machine: with ``--deadline 540`` no configuration starts that the slowest so far would not finish
-by 540 s and none runs past it (one cut short is recorded as ``cut`` and runs again), and the next
-call continues with ``--resume <the file the last call wrote>`` (carried into the working tree),
-skipping what was measured; the file lists every call's command under ``commands``.
+machine: with ``--deadline 540`` no configuration starts after 540 s less a minute and none runs past
+540 s (what it had not measured is recorded as ``cut`` and runs again), and the next call continues
+with ``--resume <the file the last call wrote>`` (carried into the working tree), skipping what was
+measured; the file lists every call's command under ``commands``.
 """
 
 from __future__ import annotations
 
+import os
+
+# This process forks the children that use CUDA, so it must never initialize CUDA itself (a forked
+# child cannot use an inherited context): is_available() asks NVML instead of the driver.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 import argparse
 import json
-import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 import torch
 from render_tables import floor_seconds
+
+#: The children's intra-op threads (main() keeps this process on one: see there).
+_THREADS = torch.get_num_threads()
 
 GIB = 2**30
 CONFIGS = {
@@ -63,6 +86,19 @@ CONFIGS = {
     "mmgp": "mmgp 3.8.2: offload.profile(pipe, profile_type.HighRAM_LowVRAM, quantizeTransformer=False)",
     "mmgp-int8": "mmgp 3.8.2: offload.profile(pipe, profile_type.HighRAM_LowVRAM) (int8 transformer, its default)",
 }
+
+
+#: Options that never read the free memory: applied once and measured at every budget in one child.
+#: diffusers' built-ins do not look at memory at all; mmgp sizes itself from the device's total
+#: memory (``get_device_properties().total_memory``), which a ballast does not change.
+SWEEP_CONFIGS = frozenset({
+    "diffusers-leaf-stream", "diffusers-leaf-stream-fp8", "diffusers-block-stream", "diffusers-block-stream-fp8",
+    "diffusers-model-offload", "diffusers-sequential", "mmgp", "mmgp-int8",
+})
+#: The components the weights cache holds, in file order.
+COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
+#: Bumped when the cache's layout changes (an old file is then rebuilt, not misread).
+WEIGHTS_FORMAT = 1
 
 
 def log(msg: str) -> None:
@@ -102,6 +138,96 @@ def build(tiny: bool) -> Any:
     pipe = full_size_flux_pipeline("flux-dev", device="cuda", dtype=torch.bfloat16)
     pipe.to("cpu")
     torch.cuda.empty_cache()
+    return pipe
+
+
+def _cached_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What the weights cache stores of ``module``: every parameter (a tied one once) and buffer
+    (non-persistent ones too: an empty module has none of their values), in module order."""
+    return [(f"param:{n}", p) for n, p in module.named_parameters()] + [
+        (f"buffer:{n}", b) for n, b in module.named_buffers()
+    ]
+
+
+def save_weights(pipe: Any, path: str, about: dict[str, Any]) -> None:
+    """Write the tensors of ``pipe``'s models raw to ``path`` and an index to ``path + '.json'``
+    (the index last: a file without one is incomplete and rebuilt)."""
+    entries = []
+    offset = 0
+    with open(path + ".part", "wb") as f:
+        for component in COMPONENTS:
+            for name, tensor in _cached_tensors(getattr(pipe, component)):
+                data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+                f.write(memoryview(data))
+                entries.append({"component": component, "name": name, "dtype": str(tensor.dtype),
+                                "shape": list(tensor.shape), "offset": offset, "nbytes": int(data.nbytes)})
+                offset += int(data.nbytes)
+    os.replace(path + ".part", path)
+    with open(path + ".json", "w") as f:
+        json.dump({"format": WEIGHTS_FORMAT, **about, "nbytes": offset, "entries": entries}, f)
+
+
+def load_weights(pipe: Any, path: str) -> Any:
+    """Give ``pipe``'s models (on any device, meta included) fresh host memory holding the tensors
+    saved in ``path``: one allocation per tensor, as ``pipe.to('cpu')`` or a loader makes them."""
+    with open(path + ".json") as f:
+        index = json.load(f)
+    tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for component in COMPONENTS:
+        module = getattr(pipe, component)
+        module.to_empty(device="cpu")
+        if hasattr(module, "tie_weights"):
+            module.tie_weights()  # to_empty gives each holder of a tied weight its own tensor
+        tensors.update({(component, n): t for n, t in _cached_tensors(module)})
+    saved = {(e["component"], e["name"]): e for e in index["entries"]}
+    if set(saved) != set(tensors) or any(
+        list(tensors[k].shape) != e["shape"] or str(tensors[k].dtype) != e["dtype"] for k, e in saved.items()
+    ):
+        raise SystemExit(f"weights cache {path} does not hold these architectures' tensors: delete it and "
+                         "run again (it is rebuilt)")
+    with open(path, "rb", buffering=0) as f:
+        for entry in index["entries"]:
+            view = memoryview(tensors[(entry["component"], entry["name"])].reshape(-1).view(torch.uint8).numpy())
+            f.seek(entry["offset"])
+            done = 0
+            while done < entry["nbytes"]:  # a read may return less than asked
+                n = f.readinto(view[done:])
+                if not n:
+                    raise SystemExit(f"weights cache {path} is truncated: delete it and run again")
+                done += n
+    return pipe
+
+
+def write_weights(path: str) -> None:
+    """(A fresh process, on the GPU.) The pipeline ``build`` makes, saved for the forked children."""
+    torch.set_num_threads(_THREADS)
+    torch.manual_seed(0)
+    from vramkit.testing.full_size import full_size_flux_pipeline
+
+    pipe = full_size_flux_pipeline("flux-dev", device="cuda", dtype=torch.bfloat16)
+    save_weights(pipe, path, {"model": "flux-dev", "dtype": "bfloat16", "seed": 0, "torch": torch.__version__,
+                              "device": torch.cuda.get_device_name(0)})
+
+
+def cached_pipeline(path: str, read: bool = True) -> Any:
+    """The full-size random-weight pipeline in host RAM, from the cache (built first if missing;
+    ``read=False`` only builds it)."""
+    try:
+        with open(path + ".json") as f:
+            fresh = json.load(f).get("format") == WEIGHTS_FORMAT
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        log(f"building the random-weight pipeline on the GPU into {path}")
+        subprocess.run([sys.executable, __file__, "--write-weights", path], check=True)
+    if not read:
+        return None
+    from vramkit.testing.full_size import full_size_flux_pipeline
+
+    t0 = time.perf_counter()
+    pipe = load_weights(full_size_flux_pipeline("flux-dev", device="meta", dtype=torch.bfloat16), path)
+    log(f"read {path} in {time.perf_counter() - t0:.1f} s")
     return pipe
 
 
@@ -224,70 +350,192 @@ def _graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def run_one(config: str, budget_gib: float) -> dict[str, Any]:
+def set_budget(budget_gib: float, held: int) -> torch.Tensor | None:
+    """A ballast after which ``mem_get_info`` reports ``budget_gib`` less ``held`` bytes (what the
+    option already holds on the GPU) as free; None for budget 0 (the whole GPU)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    if budget_gib <= 0:
+        return None
+    extra = torch.cuda.mem_get_info()[0] - (int(budget_gib * GIB) - held)
+    return torch.empty(extra, dtype=torch.uint8, device="cuda") if extra > 0 else None
+
+
+def measure(pipe: Any, tiny: bool, device: str, row: dict[str, Any]) -> None:
+    """The warm-up and N-step calls of one row, their timings written into ``row``."""
+    t0 = time.perf_counter()
+    call(pipe, 2, tiny)  # warm-up (first-call costs: cuDNN autotune, pinning, lazy init)
+    row["warmup_seconds"] = time.perf_counter() - t0
+    graphs_before = _graphs_compiled()
+    clock = StepClock(device == "cuda")
+    difference = None
+    try:
+        t_hi = call(pipe, ARGS.steps, tiny, clock)
+    except TypeError as exc:
+        if "callback" not in str(exc):
+            raise
+        # An option whose wrapper does not pass callback_on_step_end on: time it by difference.
+        clock = StepClock(device == "cuda")
+        t_lo = call(pipe, 2, tiny)
+        t_hi = call(pipe, ARGS.steps, tiny)
+        difference = (t_hi - t_lo) / (ARGS.steps - 2)
+        row["seconds_2_steps"] = t_lo
+    # Graphs compiled after the warm-up call: 0 unless something recompiles per call or step.
+    row["graphs_compiled_while_measuring"] = _graphs_compiled() - graphs_before
+    gaps = clock.gaps()
+    # The mean step gap (the mean, not the median: a step that is slow every so often is part of
+    # the cost), or the difference of a 2-step and the N-step call where there are no step events.
+    per_step = statistics.fmean(gaps) if len(gaps) >= 2 else difference
+    row.update(status="ok", seconds_n_steps=t_hi, n_steps=ARGS.steps, step_seconds=gaps,
+               seconds_per_step_median=statistics.median(gaps) if gaps else None,
+               step_timing="step events" if len(gaps) >= 2 else "difference",
+               seconds_per_step=per_step,
+               # The N-step call as measured (every per-call cost included) plus the remaining
+               # steps at the steady rate.
+               seconds_per_image_28=t_hi + (28 - ARGS.steps) * per_step)
+
+
+def measure_config(pipe: Any, config: str, budgets: list[float], emit: Callable[[dict[str, Any]], None]) -> None:
+    """(In a forked child.) Apply ``config`` once under the first budget and measure it at each of
+    ``budgets`` in turn (one budget, or several from the largest down for a sweep), emitting a row
+    per budget as soon as it is measured."""
     tiny = ARGS.tiny
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    result: dict[str, Any] = {"config": config, "budget_gib": budget_gib, "description": CONFIGS[config]}
-    pipe = build(tiny)
-    ballast = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        free = torch.cuda.mem_get_info()[0]
-        extra = free - int(budget_gib * GIB) if budget_gib > 0 else 0  # budget 0: the whole GPU (reference)
-        if budget_gib <= 0:
-            from vramkit.memory.probe import measure_h2d_bandwidth
-
-            result["pinned_bandwidth"] = measure_h2d_bandwidth("cuda")
-        if extra > 0:
-            ballast = torch.empty(extra, dtype=torch.uint8, device="cuda")
-        result["free_after_ballast"] = torch.cuda.mem_get_info()[0]
-        torch.cuda.reset_peak_memory_stats()
-    ballast_bytes = ballast.numel() if ballast is not None else 0
+    harness = "sweep" if config in SWEEP_CONFIGS and budgets[0] > 0 else "fork"
+    ballast: torch.Tensor | None = None
+    held = 0
+    applied: dict[str, Any] = {}
     with RssSampler() as rss:
-        try:
-            t0 = time.perf_counter()
-            result.update(apply_config(pipe, config, device))
-            result["apply_seconds"] = time.perf_counter() - t0
-            call(pipe, 2, tiny)  # warm-up (first-call costs: cuDNN autotune, pinning, lazy init)
-            graphs_before = _graphs_compiled()
-            t_lo = call(pipe, 2, tiny)
-            clock = StepClock(device == "cuda")
+        for i, budget_gib in enumerate(budgets):
+            row: dict[str, Any] = {"config": config, "budget_gib": budget_gib, "description": CONFIGS[config],
+                                   "harness": harness}
+            peak_counted = False
             try:
-                t_hi = call(pipe, ARGS.steps, tiny, clock)
-            except TypeError as exc:
-                if "callback" not in str(exc):
-                    raise
-                # An option whose wrapper does not pass callback_on_step_end on: time it by difference.
-                clock = StepClock(device == "cuda")
-                t_hi = call(pipe, ARGS.steps, tiny)
-            # Graphs compiled after the warm-up call: 0 unless something recompiles per call or step.
-            result["graphs_compiled_while_measuring"] = _graphs_compiled() - graphs_before
-            difference = (t_hi - t_lo) / (ARGS.steps - 2)
-            gaps = clock.gaps()
-            # The mean step gap when the pipeline called back every step (the mean, not the median:
-            # a step that is slow every so often is part of the cost); else the difference of the
-            # two calls (what results before 2026-12-06 used: fragile where per-call costs vary).
-            per_step = statistics.fmean(gaps) if len(gaps) >= 2 else difference
-            result.update(status="ok", seconds_2_steps=t_lo, seconds_n_steps=t_hi, n_steps=ARGS.steps,
-                          step_seconds=gaps, seconds_per_step_difference=difference,
-                          seconds_per_step_median=statistics.median(gaps) if gaps else None,
-                          step_timing="step events" if len(gaps) >= 2 else "difference",
-                          seconds_per_step=per_step,
-                          # The N-step call as measured (every per-call cost included) plus the
-                          # remaining steps at the steady rate.
-                          seconds_per_image_28=t_hi + (28 - ARGS.steps) * per_step)
-        except torch.OutOfMemoryError as exc:
-            result.update(status="OOM", error=str(exc).splitlines()[0][:300])
-        except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
-            result.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
-    result["peak_host_rss_gib"] = rss.peak / GIB
-    if device == "cuda":
-        result["peak_vram_gib"] = (torch.cuda.max_memory_allocated() - ballast_bytes) / GIB
-        result["peak_reserved_gib"] = (torch.cuda.max_memory_reserved() - ballast_bytes) / GIB
-        events = getattr(pipe, "vramkit_events", None)
-        if events:
-            result["recoveries"] = list(events)
-    return result
+                if device == "cuda":
+                    if i:
+                        ballast = None  # freed before the next one is sized
+                        # What the option holds between calls (the ballast is gone, the cache empty).
+                        torch.cuda.synchronize()
+                        torch.cuda.empty_cache()
+                        held = torch.cuda.memory_reserved()
+                        row["held_between_calls_gib"] = held / GIB
+                        if held > budget_gib * GIB:
+                            raise torch.OutOfMemoryError(f"the option holds {held / GIB:.2f} GiB on the GPU "
+                                                         "between calls, more than the budget")
+                    elif budget_gib <= 0:
+                        from vramkit.memory.probe import measure_h2d_bandwidth
+
+                        row["pinned_bandwidth"] = measure_h2d_bandwidth("cuda")
+                    ballast = set_budget(budget_gib, held)
+                    row["free_after_ballast"] = torch.cuda.mem_get_info()[0]
+                    torch.cuda.reset_peak_memory_stats()
+                    peak_counted = True
+                if i == 0:
+                    t0 = time.perf_counter()
+                    applied = apply_config(pipe, config, device)
+                    applied["apply_seconds"] = time.perf_counter() - t0
+                row.update(applied)
+                measure(pipe, tiny, device, row)
+            except torch.OutOfMemoryError as exc:
+                row.update(status="OOM", error=str(exc).splitlines()[0][:300])
+            except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
+                row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            row["peak_host_rss_gib"] = rss.peak / GIB
+            if peak_counted:
+                ballast_bytes = ballast.numel() if ballast is not None else 0
+                row["peak_vram_gib"] = (torch.cuda.max_memory_allocated() - ballast_bytes) / GIB
+                row["peak_reserved_gib"] = (torch.cuda.max_memory_reserved() - ballast_bytes) / GIB
+                events = getattr(pipe, "vramkit_events", None)
+                if events:
+                    row["recoveries"] = list(events)
+            emit(row)
+            if row["status"] != "ok":
+                # An option whose footprint does not depend on the budget fits no smaller one; after
+                # an error its state is unknown. Neither is worth running.
+                for smaller in budgets[i + 1:]:
+                    emit({"config": config, "budget_gib": smaller, "description": CONFIGS[config],
+                          "harness": harness, "status": row["status"],
+                          "error": f"not run: {row['status']} at {budget_gib:g} GiB in the same process",
+                          **({"oom_implied_by": budget_gib} if row["status"] == "OOM" else {})})
+                return
+
+
+def run_forked(target: Callable[[Callable[[dict[str, Any]], None]], None], timeout: float,
+               log_path: str) -> tuple[list[dict[str, Any]], str | None]:
+    """Run ``target(emit)`` in a forked child (output to ``log_path``) for at most ``timeout``
+    seconds. Returns the rows it emitted and None, or with "timeout" or "crashed" when it did not end."""
+    rows_path = log_path + ".rows"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            torch.set_num_threads(_THREADS)
+            with open(rows_path, "w") as rows:
+
+                def emit(row: dict[str, Any]) -> None:
+                    rows.write(json.dumps(row) + "\n")
+                    rows.flush()
+
+                target(emit)
+            code = 0
+        except BaseException:  # noqa: BLE001 - the child reports everything in its log and exits
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    end = time.monotonic() + timeout
+    outcome = None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            if status != 0:
+                outcome = "crashed"
+            break
+        if time.monotonic() > end:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            outcome = "timeout"
+            break
+        time.sleep(0.1)
+    rows: list[dict[str, Any]] = []
+    if os.path.exists(rows_path):
+        with open(rows_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        os.remove(rows_path)
+    return rows, outcome
+
+
+def run_spawned(config: str, budgets: list[float], timeout: float,
+                log_path: str) -> tuple[list[dict[str, Any]], str | None]:
+    """``run_forked``'s fallback where this process could not stay clear of CUDA: a fresh process
+    that reads the weights cache itself (slower to start, the same measurement)."""
+    cmd = [sys.executable, __file__, "--child", config, "--child-budgets", ",".join(map(str, budgets)),
+           "--size", str(ARGS.size), "--steps", str(ARGS.steps), "--weights-cache", ARGS.weights_cache]
+    outcome = None
+    with open(log_path, "w") as log_file:
+        try:
+            proc = subprocess.run(cmd + (["--tiny"] if ARGS.tiny else []), stdout=subprocess.PIPE,
+                                  stderr=log_file, text=True, timeout=timeout)
+            stdout = proc.stdout
+            outcome = "crashed" if proc.returncode else None
+        except subprocess.TimeoutExpired as exc:
+            stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            outcome = "timeout"
+    return [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")], outcome
+
+
+def _log_tail(path: str, chars: int = 800) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-chars:]
+    except OSError:
+        return ""
 
 
 def environment() -> dict[str, Any]:
@@ -295,9 +543,13 @@ def environment() -> dict[str, Any]:
 
     env: dict[str, Any] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
                            "python": platform.python_version(), "command": " ".join(sys.argv)}
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name(0)
-        env["total_vram_gib"] = torch.cuda.mem_get_info()[1] / GIB
+    if torch.cuda.is_available() and not ARGS.tiny:
+        # From nvidia-smi: this process must not initialize CUDA (the children fork from it).
+        name, total_mib = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits", "--id=0"],
+            capture_output=True, text=True, check=True).stdout.strip().rsplit(",", 1)
+        env["device"] = name.strip()
+        env["total_vram_gib"] = float(total_mib) / 1024
     env["host_ram_gib"] = psutil.virtual_memory().total / GIB
     return env
 
@@ -356,6 +608,24 @@ def write_payload(path: str, results: list[dict[str, Any]], commands: list[str])
         json.dump(payload, f, indent=1)
 
 
+def plan_items(configs: list[str], budgets: list[float], done: set[tuple[float, str]],
+               reference: bool) -> list[tuple[str, list[float]]]:
+    """What to run, in order, as (config, budgets) per child: the reference first, then each config in
+    the given order (a sweep config in one child, its budgets from the largest down; any other one
+    child per budget), without what ``done`` already holds."""
+    items: list[tuple[str, list[float]]] = []
+    if reference and (0.0, "unoptimized") not in done:
+        items.append(("unoptimized", [0.0]))
+    for config in configs:
+        todo = [b for b in budgets if (b, config) not in done]
+        if config in SWEEP_CONFIGS:
+            if todo:
+                items.append((config, sorted(todo, reverse=True)))
+        else:
+            items += [(config, [b]) for b in todo]
+    return items
+
+
 def main() -> None:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -363,7 +633,7 @@ def main() -> None:
     p.add_argument("--budgets", default="8,12")
     p.add_argument("--configs", default="vramkit,vramkit-fp8,diffusers-leaf-stream,diffusers-leaf-stream-fp8")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
+    p.add_argument("--timeout", type=int, default=240, help="seconds per configuration and budget")
     p.add_argument("--tiny", action="store_true", help="check the harness on the tiny CPU pipeline")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="first run the unoptimized pipeline on the whole GPU (resident s/step and pinned "
@@ -373,18 +643,38 @@ def main() -> None:
                         "(ok, OOM or timeout; the reference too), append the rest (one run spread over several "
                         "calls on the same GPU; a file from another GPU is refused)")
     p.add_argument("--deadline", type=float, metavar="SECONDS",
-                   help="start no configuration that the slowest so far (at least 90 s) would not finish "
-                        "within this many seconds of the start, and cut any that runs past it (recorded as "
-                        "'cut', run again on --resume), so that a time-limited call ends with its rows written")
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--budget", type=float, help=argparse.SUPPRESS)
+                   help="start no configuration later than a minute before this many seconds from the start "
+                        "and cut any that runs past it (what it had not measured is recorded as 'cut' and runs "
+                        "again on --resume), so that a time-limited call ends with its rows written")
+    p.add_argument("--weights-cache", default=".bench_cache/flux-dev-bf16-seed0.bin",
+                   help="the random weights, built once per machine on the GPU and read by every call")
+    p.add_argument("--fork", action=argparse.BooleanOptionalAction, default=True,
+                   help="fork each child from this process, which holds the weights (default); --no-fork "
+                        "starts a fresh process per child instead (also the fallback where CUDA was "
+                        "initialized here)")
+    p.add_argument("--write-weights", help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-budgets", help=argparse.SUPPRESS)
     ARGS = p.parse_args()
-    if ARGS.one:
-        print("RESULT " + json.dumps(run_one(ARGS.one, ARGS.budget)), flush=True)
+    if ARGS.write_weights:
+        write_weights(ARGS.write_weights)
         return
+    if ARGS.child:
+        torch.set_num_threads(_THREADS)
+        if ARGS.tiny:
+            from vramkit.testing import tiny_pipeline
+
+            pipe = tiny_pipeline("flux")
+        else:
+            pipe = cached_pipeline(ARGS.weights_cache)
+        measure_config(pipe, ARGS.child, [float(b) for b in ARGS.child_budgets.split(",")],
+                       lambda row: print("ROW " + json.dumps(row), flush=True))
+        return
+    # One thread here: this process never starts an OpenMP team that a forked child would inherit
+    # without its threads. The children get _THREADS back.
+    torch.set_num_threads(1)
     results: list[dict[str, Any]] = []
     commands: list[str] = []
-    env_vars = dict(os.environ)
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"pipeline_{ARGS.size}{'_tiny' if ARGS.tiny else ''}.json")
@@ -392,51 +682,65 @@ def main() -> None:
         if not os.path.exists(ARGS.resume):
             raise SystemExit(f"--resume {ARGS.resume}: no such file (a mistyped path would silently start over).")
         results, commands = resumed(ARGS.resume)
-    runs = [(0.0, "unoptimized")] if ARGS.reference else []
-    runs += [(float(b), c) for b in ARGS.budgets.split(",") for c in ARGS.configs.split(",")]
+    budgets = [float(b) for b in ARGS.budgets.split(",")]
     done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL}
-    skipped = [(b, c) for b, c in runs if (b, c) in done]
-    runs = [(b, c) for b, c in runs if (b, c) not in done]
-    if skipped:
-        log(f"resuming {ARGS.resume}: {len(skipped)} configuration(s) already measured, {len(runs)} to go")
-    # A crashed or failed row of a configuration that runs again is replaced, not kept beside it.
-    to_run = set(runs)
+    items = plan_items(ARGS.configs.split(","), budgets, done, ARGS.reference)
+    if ARGS.resume:
+        log(f"resuming {ARGS.resume}: {len(done)} row(s) already measured, {sum(len(b) for _, b in items)} to go")
+    # A crashed or cut row of a configuration that runs again is replaced, not kept beside it.
+    to_run = {(b, c) for c, bs in items for b in bs}
     results = [r for r in results if (r["budget_gib"], r["config"]) not in to_run]
-    slowest = 0.0
-    for budget, config in runs:
+    fork = ARGS.fork
+    if items and fork:
+        if ARGS.tiny:
+            from vramkit.testing import tiny_pipeline
+
+            pipe = tiny_pipeline("flux")
+        else:
+            pipe = cached_pipeline(ARGS.weights_cache)
+        if torch.cuda.is_initialized():
+            log("CUDA was initialized in this process (an import?): forked children could not use it; "
+                "starting a fresh process per child instead")
+            fork = False
+            del pipe
+    elif items and not ARGS.tiny:
+        cached_pipeline(ARGS.weights_cache, read=False)  # built once, read by each child
+    for n, (config, item_budgets) in enumerate(items):
         elapsed = time.perf_counter() - _STARTED
-        timeout = ARGS.timeout
+        timeout = ARGS.timeout * len(item_budgets)
         if ARGS.deadline is not None:
-            # A configuration is given at most the time left (a longer one is cut and recorded as
-            # such, to run again on --resume), and none starts that the slowest so far would not finish.
-            timeout = min(timeout, int(ARGS.deadline - elapsed))
-        if ARGS.deadline is not None and elapsed + max(slowest, 90.0) > ARGS.deadline:
-            left = runs[runs.index((budget, config)):]
-            log(f"deadline: {len(left)} configuration(s) not started: " + ", ".join(f"{b:g} {c}" for b, c in left))
-            break
-        log(f"budget {budget} GiB, {config}")
-        t_config = time.perf_counter()
-        cmd = [sys.executable, __file__, "--one", config, "--budget", str(budget), "--size", str(ARGS.size),
-               "--steps", str(ARGS.steps)] + (["--tiny"] if ARGS.tiny else [])
-        env = dict(env_vars)
-        if "block" in config:
-            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if lines:
-                results.append(json.loads(lines[-1][7:]))
+            if elapsed + 60 > ARGS.deadline:
+                left = [(b, c) for c, bs in items[n:] for b in bs]
+                log(f"deadline: {len(left)} configuration(s) not started: " + ", ".join(f"{b:g} {c}" for b, c in left))
+                break
+            timeout = min(timeout, ARGS.deadline - elapsed)
+        log(f"{config} at {', '.join(f'{b:g}' for b in item_budgets)} GiB")
+        t_item = time.perf_counter()
+        log_path = os.path.join(out_dir, f"child_{ARGS.size}_{config}_{item_budgets[0]:g}.log")
+        if fork:
+            rows, outcome = run_forked(lambda emit, c=config, bs=item_budgets: measure_config(pipe, c, bs, emit),
+                                       timeout, log_path)
+        else:
+            rows, outcome = run_spawned(config, item_budgets, timeout, log_path)
+        wall = time.perf_counter() - t_item
+        for row in rows:
+            row["child_wall_seconds"] = wall
+        measured = {r["budget_gib"] for r in rows}
+        for b in item_budgets:
+            if b in measured:
+                continue
+            if outcome == "timeout":
+                # Cut by the deadline: not final, --resume runs it again. Past --timeout: final.
+                cut = ARGS.deadline is not None and timeout < ARGS.timeout * len(item_budgets)
+                rows.append({"config": config, "budget_gib": b, "status": "cut" if cut else "timeout",
+                             "timeout_s": timeout})
             else:
-                results.append({"config": config, "budget_gib": budget, "status": "crashed",
-                                "error": proc.stderr[-800:]})
-        except subprocess.TimeoutExpired:
-            cut = timeout < ARGS.timeout
-            # "cut" (by the deadline) is not final: --resume runs that configuration again.
-            results.append({"config": config, "budget_gib": budget, "status": "cut" if cut else "timeout",
-                            "timeout_s": timeout})
-        slowest = max(slowest, time.perf_counter() - t_config)
-        log(f"  -> {results[-1].get('status')} {results[-1].get('seconds_per_step', '')}")
-        # Written after every configuration: a run cut short still leaves what it measured.
+                rows.append({"config": config, "budget_gib": b, "status": "crashed", "error": _log_tail(log_path)})
+        results += rows
+        for row in rows:
+            log(f"  {row['budget_gib']:g} GiB -> {row.get('status')} {row.get('seconds_per_step', '')}")
+        log(f"  ({wall:.0f} s)")
+        # Written after every child: a run cut short still leaves what it measured.
         write_payload(path, results, commands)
     write_payload(path, results, commands)  # also when the deadline or --resume left nothing to run
     print_table(results)

@@ -132,3 +132,56 @@ def test_bench_pipeline_resumes_a_run_and_stops_before_its_deadline(tmp_path: Pa
     proc = _run([*base[:-3], "--steps", "4", "--no-reference", "--configs", "vramkit", "--resume", str(earlier)],
                 tmp_path / "fifth")
     assert proc.returncode != 0 and "another --steps" in proc.stderr
+
+
+def test_bench_pipeline_sweeps_budget_blind_options_in_one_child(tmp_path: Path) -> None:
+    proc = _run(["benchmarks/bench_pipeline.py", "--tiny", "--budgets", "6,12,8", "--steps", "3", "--no-reference",
+                 "--configs", "diffusers-leaf-stream,vramkit"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "pipeline_1024_tiny.json").read_text())["results"]
+    # diffusers' group offload never reads the free memory: one child, budgets from the largest down;
+    # vramkit plans for each budget: a child of its own per budget, in the order given.
+    assert [(r["config"], r["budget_gib"], r["harness"]) for r in rows] == [
+        ("diffusers-leaf-stream", 12, "sweep"), ("diffusers-leaf-stream", 8, "sweep"),
+        ("diffusers-leaf-stream", 6, "sweep"),
+        ("vramkit", 6, "fork"), ("vramkit", 12, "fork"), ("vramkit", 8, "fork"),
+    ]
+    assert all(r["status"] == "ok" for r in rows)
+    # The sweep applied once (its rows share one apply); each vramkit child applied its own plan.
+    assert len({r["apply_seconds"] for r in rows[:3]}) == 1
+    assert len({r["apply_seconds"] for r in rows[3:]}) == 3
+    assert len({r["child_wall_seconds"] for r in rows[:3]}) == 1
+
+
+def test_bench_pipeline_weights_cache_round_trips_a_pipeline(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_pipeline
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    from vramkit.testing import tiny_pipeline
+
+    saved, other = tiny_pipeline("flux", seed=0), tiny_pipeline("flux", seed=1)
+    path = str(tmp_path / "weights.bin")
+    bench_pipeline.save_weights(saved, path, {"model": "tiny"})
+    loaded = bench_pipeline.load_weights(other, path)
+    for name in bench_pipeline.COMPONENTS:
+        want, got = getattr(saved, name), getattr(loaded, name)
+        assert want.state_dict().keys() == got.state_dict().keys()
+        assert all(torch.equal(t, got.state_dict()[k]) for k, t in want.state_dict().items()), name
+        assert {p.device.type for p in got.parameters()} == {"cpu"}
+    t5 = loaded.text_encoder_2
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight  # the tie survives to_empty
+    kwargs = dict(prompt="a fox", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+                  output_type="pt")
+    want = saved(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    got = loaded(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(want, got)
+    # A file that does not match the architectures is refused, not misread.
+    index = json.loads(Path(path + ".json").read_text())
+    index["entries"][0]["shape"] = [1]
+    Path(path + ".json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit, match="does not hold"):
+        bench_pipeline.load_weights(tiny_pipeline("flux", seed=1), path)
