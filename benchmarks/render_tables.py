@@ -143,9 +143,22 @@ def pipeline(data: dict[str, Any]) -> list[str]:
             best_image[key] = min(best_image.get(key, float("inf")), r["seconds_per_image_28"])
     # Where some rows were timed from step events, the rows timed by difference are marked.
     timed_by_events = any(r.get("step_timing") == "step events" for r in data["results"])
-    for r in data["results"]:
+    results = data["results"]
+    if any("harness" in r for r in results):
+        # A grid run: every option of a budget together (rows are written in the order measured).
+        results = sorted(results, key=lambda r: r["budget_gib"])
+        out.insert(4, "Rows marked ◦ were measured in one process per option, at every budget from the largest down "
+                   "(options that never read the free memory; the ballast resized to the budget less what the option "
+                   "holds between calls); 'OOM below' rows were not run: the same option ran out of memory at the "
+                   "larger budget named. Every other row is a process of its own.\n")
+    for r in results:
         if r.get("status") != "ok":
-            out.append(f"| {r['budget_gib']:g} | {r['config']} | {r.get('status')} | | | | | | | | | | | |")
+            status = r.get("status")
+            if r.get("oom_implied_by") is not None:
+                status = f"OOM below {r['oom_implied_by']:g} GiB (not run)"
+            elif status == "OOM" and str(r.get("error", "")).startswith("the option holds"):
+                status = "OOM: " + r["error"]
+            out.append(f"| {r['budget_gib']:g} | {r['config']} | {status} | | | | | | | | | | | |")
             continue
         b = r["budget_gib"]
         if r["seconds_per_step"] <= 0:
@@ -179,10 +192,12 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         image_x = f"{best_image[key] / r['seconds_per_image_28']:.2f}x" if key in best_image else ""
         floor = floor_seconds(data["results"], r)
         lb, ratio = (f"{floor:.3f}", f"{r['seconds_per_step'] / floor:.2f}") if floor else ("", "")
-        label = r["config"] + (" †" if timed_by_events and r.get("step_timing") != "step events" else "")
+        label = r["config"] + (" †" if timed_by_events and r.get("step_timing") != "step events" else "") + (
+            " ◦" if r.get("harness") == "sweep" else "")
         out.append(
             f"| {b:g} | {label} | {r['seconds_per_step']:.3f} | {r['seconds_per_image_28']:.1f} | "
-            f"{r['peak_vram_gib']:.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {pa} | {lb} | {ratio} "
+            f"{r.get('peak_vram_gib', float('nan')):.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {pa} "
+            f"| {lb} | {ratio} "
             f"| {step_x} | {image_x} |"
         )
     return out
@@ -314,6 +329,10 @@ def main() -> int:
         ("streaming_512_h200.json", streaming),
         ("streaming_1024_balanced_h200.json", streaming),
         ("streaming_1024_parts_h100.json", streaming),
+        ("pipeline_1024_grid_h100.json", pipeline),
+        ("pipeline_1024_grid_h200.json", pipeline),
+        ("pipeline_512_grid_h100.json", pipeline),
+        ("pipeline_512_grid_h200.json", pipeline),
         ("pipeline_1024_8gib_h200.json", pipeline),
         ("pipeline_1024_12gib_h200.json", pipeline),
         ("pipeline_1024_8gib_h100.json", pipeline),
