@@ -49,12 +49,14 @@ import os
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import argparse
+import atexit
 import json
 import platform
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -439,7 +441,10 @@ def measure_config(pipe: Any, config: str, budgets: list[float], emit: Callable[
             except torch.OutOfMemoryError as exc:
                 row.update(status="OOM", error=str(exc).splitlines()[0][:300])
             except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
-                row.update(status="error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                # An allocation that fails outside the caching allocator (cuBLAS, a kernel) raises
+                # "CUDA error: out of memory" as another type: it is an OOM all the same.
+                oom = "out of memory" in str(exc).splitlines()[0].lower() if str(exc) else False
+                row.update(status="OOM" if oom else "error", error=f"{type(exc).__name__}: {str(exc)[:300]}")
             row["peak_host_rss_gib"] = rss.peak / GIB
             if peak_counted:
                 ballast_bytes = ballast.numel() if ballast is not None else 0
@@ -486,9 +491,15 @@ def run_forked(target: Callable[[Callable[[dict[str, Any]], None]], None], timeo
         except BaseException:  # noqa: BLE001 - the child reports everything in its log and exits
             traceback.print_exc()
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            # What a normal interpreter exit runs (finalizers registered with atexit: vramkit's
+            # offload files are deleted there; skipped, they would fill the disk the next child's
+            # plan counts on), then an exit that skips the rest of the parent's Python state.
+            try:
+                atexit._run_exitfuncs()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
     end = time.monotonic() + timeout
     outcome = None
     while True:
@@ -647,7 +658,12 @@ def main() -> None:
                         "and cut any that runs past it (what it had not measured is recorded as 'cut' and runs "
                         "again on --resume), so that a time-limited call ends with its rows written")
     p.add_argument("--weights-cache", default=".bench_cache/flux-dev-bf16-seed0.bin",
-                   help="the random weights, built once per machine on the GPU and read by every call")
+                   help="the random weights, built on the GPU by a fresh process and read here")
+    p.add_argument("--keep-weights-cache", action="store_true",
+                   help="keep the weights cache once read (for the next call on the same machine); by default "
+                        "it is deleted, so that the configurations measured see the disk free")
+    p.add_argument("--log-dir", help="the children's output (default: a temporary folder; a crashed child's "
+                   "last lines are in its row)")
     p.add_argument("--fork", action=argparse.BooleanOptionalAction, default=True,
                    help="fork each child from this process, which holds the weights (default); --no-fork "
                         "starts a fresh process per child instead (also the fallback where CUDA was "
@@ -690,6 +706,10 @@ def main() -> None:
     # A crashed or cut row of a configuration that runs again is replaced, not kept beside it.
     to_run = {(b, c) for c, bs in items for b in bs}
     results = [r for r in results if (r["budget_gib"], r["config"]) not in to_run]
+    # Not under $OUT: the device tool brings back only a few files, and a folder of logs there once
+    # cost a call its results.
+    log_dir = ARGS.log_dir or tempfile.mkdtemp(prefix="bench_pipeline_logs_")
+    os.makedirs(log_dir, exist_ok=True)
     fork = ARGS.fork
     if items and fork:
         if ARGS.tiny:
@@ -703,6 +723,11 @@ def main() -> None:
                 "starting a fresh process per child instead")
             fork = False
             del pipe
+        elif not ARGS.tiny and not ARGS.keep_weights_cache:
+            # Read, so no longer needed: its 31 GiB would otherwise sit on the disk the options plan
+            # for (vramkit puts fp8 originals in its offload folder only where the disk has room).
+            for name in (ARGS.weights_cache + ".json", ARGS.weights_cache):
+                os.remove(name)
     elif items and not ARGS.tiny:
         cached_pipeline(ARGS.weights_cache, read=False)  # built once, read by each child
     for n, (config, item_budgets) in enumerate(items):
@@ -716,7 +741,7 @@ def main() -> None:
             timeout = min(timeout, ARGS.deadline - elapsed)
         log(f"{config} at {', '.join(f'{b:g}' for b in item_budgets)} GiB")
         t_item = time.perf_counter()
-        log_path = os.path.join(out_dir, f"child_{ARGS.size}_{config}_{item_budgets[0]:g}.log")
+        log_path = os.path.join(log_dir, f"child_{ARGS.size}_{config}_{item_budgets[0]:g}.log")
         if fork:
             rows, outcome = run_forked(lambda emit, c=config, bs=item_budgets: measure_config(pipe, c, bs, emit),
                                        timeout, log_path)

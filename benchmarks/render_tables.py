@@ -158,6 +158,8 @@ def pipeline(data: dict[str, Any]) -> list[str]:
                 status = f"OOM below {r['oom_implied_by']:g} GiB (not run)"
             elif status == "OOM" and str(r.get("error", "")).startswith("the option holds"):
                 status = "OOM: " + r["error"]
+            elif status == "error" and r.get("error"):
+                status = "error: " + str(r["error"]).splitlines()[0][:80].replace("|", "/")
             out.append(f"| {r['budget_gib']:g} | {r['config']} | {status} | | | | | | | | | | | |")
             continue
         b = r["budget_gib"]

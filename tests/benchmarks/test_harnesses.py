@@ -185,3 +185,29 @@ def test_bench_pipeline_weights_cache_round_trips_a_pipeline(tmp_path: Path) -> 
     Path(path + ".json").write_text(json.dumps(index))
     with pytest.raises(SystemExit, match="does not hold"):
         bench_pipeline.load_weights(tiny_pipeline("flux", seed=1), path)
+
+
+def test_bench_pipeline_forked_child_runs_exit_finalizers(tmp_path: Path) -> None:
+    """A forked child exits through os._exit: the finalizers a normal exit runs (vramkit deletes its
+    offload files there) must still run, or the next child plans for a fuller disk."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_pipeline
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    marker = tmp_path / "finalized"
+
+    class Held:
+        pass
+
+    def target(emit: object) -> None:
+        import weakref
+
+        target.held = Held()  # alive until exit, like an offload file nobody restored
+        weakref.finalize(target.held, marker.write_text, "yes")
+        emit({"config": "x", "budget_gib": 1.0})
+
+    rows, outcome = bench_pipeline.run_forked(target, 60, str(tmp_path / "child.log"))
+    assert outcome is None and rows == [{"config": "x", "budget_gib": 1.0}]
+    assert marker.read_text() == "yes"
+    assert not hasattr(target, "held")  # the child's state never reached this process
