@@ -211,6 +211,20 @@ def write_weights(path: str) -> None:
                               "device": torch.cuda.get_device_name(0)})
 
 
+def default_weights_cache(keep: bool) -> str:
+    """RAM-backed /dev/shm when it can hold the weights with room to spare and the file is deleted
+    once read (faster to write and read than the disk); the local disk otherwise (a kept file in
+    /dev/shm would take 31 GiB of the RAM the options measured plan for)."""
+    name = "flux-dev-bf16-seed0.bin"
+    try:
+        shm_free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    except OSError:
+        shm_free = 0
+    if not keep and shm_free > 40 * GIB and os.access("/dev/shm", os.W_OK):
+        return os.path.join("/dev/shm", "vramkit-bench", name)
+    return os.path.join(".bench_cache", name)
+
+
 def cached_pipeline(path: str, read: bool = True) -> Any:
     """The full-size random-weight pipeline in host RAM, from the cache (built first if missing;
     ``read=False`` only builds it)."""
@@ -657,8 +671,10 @@ def main() -> None:
                    help="start no configuration later than a minute before this many seconds from the start "
                         "and cut any that runs past it (what it had not measured is recorded as 'cut' and runs "
                         "again on --resume), so that a time-limited call ends with its rows written")
-    p.add_argument("--weights-cache", default=".bench_cache/flux-dev-bf16-seed0.bin",
-                   help="the random weights, built on the GPU by a fresh process and read here")
+    p.add_argument("--weights-cache",
+                   help="where a fresh process on the GPU writes the random weights for this one to read "
+                        "(default: /dev/shm where it has room and the cache is not kept, so that neither the "
+                        "disk the options plan for nor their RAM holds it while they run; else .bench_cache/)")
     p.add_argument("--keep-weights-cache", action="store_true",
                    help="keep the weights cache once read (for the next call on the same machine); by default "
                         "it is deleted, so that the configurations measured see the disk free")
@@ -672,6 +688,9 @@ def main() -> None:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-budgets", help=argparse.SUPPRESS)
     ARGS = p.parse_args()
+    if ARGS.weights_cache is None:
+        # Without forking every child reads the file, so it stays for the whole run: on the disk.
+        ARGS.weights_cache = default_weights_cache(ARGS.keep_weights_cache or not ARGS.fork)
     if ARGS.write_weights:
         write_weights(ARGS.write_weights)
         return
