@@ -13,7 +13,9 @@ built once on the GPU (seed 0) by a fresh process that writes them raw to ``--we
 on local disk, reused by later calls on the same machine). This process reads them into host RAM, never
 touches CUDA, and forks one child per configuration: each child starts with the pipeline in host RAM
 as a fresh process would (its resident set counts those pages; what it frees or pins is its own), and
-no configuration's hooks, caches or CUDA state reach another. A ballast makes
+no configuration's hooks, caches or CUDA state reach another. One difference remains: pages a child
+frees stay in this process, so the host's available RAM (recorded per row) does not rise as it
+would in a fresh process; ``--no-fork`` starts a fresh process per child where that matters. A ballast makes
 ``torch.cuda.mem_get_info()`` report exactly the budget as free (any overshoot is a real CUDA OOM).
 
 Options that never read the free memory (diffusers' built-ins; mmgp, which sizes itself from the
@@ -33,6 +35,8 @@ the child's RSS sampled every 50 ms (apply included; cumulative over a sweep). `
 same harness on the tiny CPU pipeline (to check the harness, not to measure). Writes
 ``$OUT/pipeline_<size>.json`` and prints a table.
 
+Each budget of a child may take ``--timeout`` seconds (the first one its apply included); past that
+the child is killed and the budget recorded as ``timeout`` (a sweep's smaller budgets as not run).
 A device call is limited in time, so one run per resolution may need several calls on the same
 machine: with ``--deadline 540`` no configuration starts after 540 s less a minute and none runs past
 540 s (what it had not measured is recorded as ``cut`` and runs again), and the next call continues
@@ -51,7 +55,9 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 import argparse
 import atexit
 import json
+import math
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -60,6 +66,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -417,28 +424,39 @@ def measure_config(pipe: Any, config: str, budgets: list[float], emit: Callable[
     per budget as soon as it is measured."""
     tiny = ARGS.tiny
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    harness = "sweep" if config in SWEEP_CONFIGS and budgets[0] > 0 else "fork"
+    harness = "sweep" if len(budgets) > 1 else "fork"
     ballast: torch.Tensor | None = None
     held = 0
+    free_before = 0
     applied: dict[str, Any] = {}
     with RssSampler() as rss:
         for i, budget_gib in enumerate(budgets):
+            emit({"_start": budget_gib})  # the parent times each budget from here
             row: dict[str, Any] = {"config": config, "budget_gib": budget_gib, "description": CONFIGS[config],
-                                   "harness": harness}
+                                   "harness": harness,
+                                   # Forked children share the parent's copy of the weights, which stays
+                                   # in RAM when a child frees its own: the host had this much available.
+                                   "host_available_gib": psutil.virtual_memory().available / GIB}
             peak_counted = False
             try:
                 if device == "cuda":
-                    if i:
+                    if i == 0:
+                        torch.cuda.synchronize()
+                        free_before = torch.cuda.mem_get_info()[0]
+                    else:
                         ballast = None  # freed before the next one is sized
-                        # What the option holds between calls (the ballast is gone, the cache empty).
                         torch.cuda.synchronize()
                         torch.cuda.empty_cache()
-                        held = torch.cuda.memory_reserved()
+                        # What the option holds between calls, from the driver's free memory (the
+                        # ballast gone, the cache empty): its tensors and also what the allocator does
+                        # not see (kernels loaded on first use, library handles), all of which a
+                        # fresh process at this budget would hold inside the budget too.
+                        held = max(0, free_before - torch.cuda.mem_get_info()[0])
                         row["held_between_calls_gib"] = held / GIB
-                        if held > budget_gib * GIB:
+                        if budget_gib > 0 and held > budget_gib * GIB:
                             raise torch.OutOfMemoryError(f"the option holds {held / GIB:.2f} GiB on the GPU "
                                                          "between calls, more than the budget")
-                    elif budget_gib <= 0:
+                    if budget_gib <= 0:
                         from vramkit.memory.probe import measure_h2d_bandwidth
 
                         row["pinned_bandwidth"] = measure_h2d_bandwidth("cuda")
@@ -479,80 +497,164 @@ def measure_config(pipe: Any, config: str, budgets: list[float], emit: Callable[
                 return
 
 
-def run_forked(target: Callable[[Callable[[dict[str, Any]], None]], None], timeout: float,
-               log_path: str) -> tuple[list[dict[str, Any]], str | None]:
-    """Run ``target(emit)`` in a forked child (output to ``log_path``) for at most ``timeout``
-    seconds. Returns the rows it emitted and None, or with "timeout" or "crashed" when it did not end."""
-    rows_path = log_path + ".rows"
+def _start_fork(target: Callable[[Callable[[dict[str, Any]], None]], None], log_path: str,
+                rows_path: str) -> int:
+    """Fork a child that runs ``target(emit)``, its output to ``log_path`` and each emitted row a
+    JSON line of ``rows_path``; the child's pid."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
-    if pid == 0:  # the child
-        code = 1
+    if pid:
+        return pid
+    code = 1
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        # Python-level writers too, where this process had replaced them (a test's capture).
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115
+        try:  # if host RAM runs out, the kernel kills this child, not the parent holding the weights
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")
+        except OSError:
+            pass
+        # Exit handlers and finalizers of the parent's objects are not this child's to run (it
+        # exits through os._exit below, after running its own).
+        atexit._clear()
+        for inherited in list(weakref.finalize._registry):  # type: ignore[attr-defined]
+            inherited.detach()
+        torch.set_num_threads(_THREADS)
+        with open(rows_path, "w") as rows:
+
+            def emit(row: dict[str, Any]) -> None:
+                rows.write(json.dumps(row) + "\n")
+                rows.flush()
+
+            target(emit)
+        code = 0
+    except BaseException:  # noqa: BLE001 - the child reports everything in its log and exits
+        traceback.print_exc()
+    finally:
+        # What a normal interpreter exit runs for this child's own objects: atexit handlers and
+        # finalizers (vramkit deletes its offload files there; skipped, they would fill the disk
+        # the next child's plan counts on). Then an exit that leaves the parent's state alone.
         try:
-            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            torch.set_num_threads(_THREADS)
-            with open(rows_path, "w") as rows:
-
-                def emit(row: dict[str, Any]) -> None:
-                    rows.write(json.dumps(row) + "\n")
-                    rows.flush()
-
-                target(emit)
-            code = 0
-        except BaseException:  # noqa: BLE001 - the child reports everything in its log and exits
-            traceback.print_exc()
+            atexit._run_exitfuncs()
+            weakref.finalize._exitfunc()  # type: ignore[attr-defined]
         finally:
-            # What a normal interpreter exit runs (finalizers registered with atexit: vramkit's
-            # offload files are deleted there; skipped, they would fill the disk the next child's
-            # plan counts on), then an exit that skips the rest of the parent's Python state.
-            try:
-                atexit._run_exitfuncs()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-    end = time.monotonic() + timeout
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def _read_rows(path: str, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The complete JSON lines of ``path`` after byte ``offset``, and the offset after them (a line
+    still being written, or one a killed child left half-written, is not read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return [], offset
+    rows = []
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            log(f"  unreadable row skipped: {line[:120]!r}")
+    return rows, offset + end
+
+
+def supervise(poll: Callable[[], int | None], kill: Callable[[], None], rows_path: str, budget_timeout: float,
+              end_at: float | None) -> tuple[list[dict[str, Any]], str | None, float | None, int | None]:
+    """Wait for a child that writes rows (and a ``{"_start": budget}`` line before each budget) to
+    ``rows_path``. ``poll()`` gives its exit status once it has ended; it is killed when one budget
+    runs past ``budget_timeout`` seconds ("timeout") or at ``end_at`` (a ``time.monotonic()``;
+    "cut"). Returns its rows, the outcome (None when it ended by itself, or "timeout", "cut",
+    "crashed"), the budget it was measuring when it ended or was killed (None after its last row),
+    and its exit status."""
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    current: float | None = None
+    started = time.monotonic()
     outcome = None
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            if status != 0:
-                outcome = "crashed"
+        status = poll()
+        new, offset = _read_rows(rows_path, offset)
+        for row in new:
+            if "_start" in row:
+                current, started = row["_start"], time.monotonic()
+            else:
+                rows.append(row)
+                current = None
+        if status is not None:
+            outcome = "crashed" if status != 0 else None
             break
-        if time.monotonic() > end:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            outcome = "timeout"
+        now = time.monotonic()
+        if now - started > budget_timeout or (end_at is not None and now > end_at):
+            kill()
+            status = poll()
+            outcome = "timeout" if now - started > budget_timeout else "cut"
             break
         time.sleep(0.1)
-    rows: list[dict[str, Any]] = []
+    new, offset = _read_rows(rows_path, offset)
+    rows += [r for r in new if "_start" not in r]
     if os.path.exists(rows_path):
-        with open(rows_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
         os.remove(rows_path)
-    return rows, outcome
+    return rows, outcome, current, status
 
 
-def run_spawned(config: str, budgets: list[float], timeout: float,
-                log_path: str) -> tuple[list[dict[str, Any]], str | None]:
-    """``run_forked``'s fallback where this process could not stay clear of CUDA: a fresh process
-    that reads the weights cache itself (slower to start, the same measurement)."""
+def run_forked(target: Callable[[Callable[[dict[str, Any]], None]], None], budget_timeout: float,
+               end_at: float | None, log_path: str) -> tuple[list[dict[str, Any]], str | None, float | None, str]:
+    """``target(emit)`` in a forked child, supervised (see :func:`supervise`); the last item says
+    how the child ended."""
+    rows_path = log_path + ".rows"
+    pid = _start_fork(target, log_path, rows_path)
+    waited: dict[str, int] = {}
+
+    def poll() -> int | None:
+        if "status" not in waited:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done:
+                return None
+            waited["status"] = status
+        return waited["status"]
+
+    def kill() -> None:
+        os.kill(pid, signal.SIGKILL)
+        waited["status"] = os.waitpid(pid, 0)[1]
+
+    rows, outcome, current, status = supervise(poll, kill, rows_path, budget_timeout, end_at)
+    if status is not None and os.WIFSIGNALED(status):
+        how = f"killed by signal {os.WTERMSIG(status)}"
+    else:
+        how = f"exit status {os.waitstatus_to_exitcode(status) if status is not None else '?'}"
+    return rows, outcome, current, how
+
+
+def run_child(config: str, budgets: list[float], fork: bool, pipe: Any, budget_timeout: float,
+              end_at: float | None, log_path: str) -> tuple[list[dict[str, Any]], str | None, float | None, str]:
+    """Measure ``config`` at ``budgets`` in one child: forked from this process (holding ``pipe``)
+    or, with ``fork=False``, a fresh process that reads the weights cache. See :func:`supervise`;
+    the last item says how the child ended (exit status or signal)."""
+    if fork:
+        return run_forked(lambda emit: measure_config(pipe, config, budgets, emit), budget_timeout, end_at,
+                          log_path)
+    rows_path = log_path + ".rows"
     cmd = [sys.executable, __file__, "--child", config, "--child-budgets", ",".join(map(str, budgets)),
-           "--size", str(ARGS.size), "--steps", str(ARGS.steps), "--weights-cache", ARGS.weights_cache]
-    outcome = None
+           "--child-rows", rows_path, "--size", str(ARGS.size), "--steps", str(ARGS.steps),
+           "--weights-cache", ARGS.weights_cache] + (["--tiny"] if ARGS.tiny else [])
     with open(log_path, "w") as log_file:
-        try:
-            proc = subprocess.run(cmd + (["--tiny"] if ARGS.tiny else []), stdout=subprocess.PIPE,
-                                  stderr=log_file, text=True, timeout=timeout)
-            stdout = proc.stdout
-            outcome = "crashed" if proc.returncode else None
-        except subprocess.TimeoutExpired as exc:
-            stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            outcome = "timeout"
-    return [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")], outcome
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+
+        def kill_proc() -> None:
+            proc.kill()
+            proc.wait()
+
+        rows, outcome, current, status = supervise(proc.poll, kill_proc, rows_path, budget_timeout, end_at)
+    how = f"killed by signal {-status}" if status is not None and status < 0 else f"exit status {status}"
+    return rows, outcome, current, how
 
 
 def _log_tail(path: str, chars: int = 800) -> str:
@@ -645,7 +747,8 @@ def plan_items(configs: list[str], budgets: list[float], done: set[tuple[float, 
         todo = [b for b in budgets if (b, config) not in done]
         if config in SWEEP_CONFIGS:
             if todo:
-                items.append((config, sorted(todo, reverse=True)))
+                # From the largest down; budget 0 is the whole GPU, the largest of all.
+                items.append((config, sorted(todo, key=lambda b: math.inf if b <= 0 else b, reverse=True)))
         else:
             items += [(config, [b]) for b in todo]
     return items
@@ -658,7 +761,8 @@ def main() -> None:
     p.add_argument("--budgets", default="8,12")
     p.add_argument("--configs", default="vramkit,vramkit-fp8,diffusers-leaf-stream,diffusers-leaf-stream-fp8")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--timeout", type=int, default=240, help="seconds per configuration and budget")
+    p.add_argument("--timeout", type=int, default=240,
+                   help="seconds per configuration and budget (the first budget of a child includes its apply)")
     p.add_argument("--tiny", action="store_true", help="check the harness on the tiny CPU pipeline")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="first run the unoptimized pipeline on the whole GPU (resident s/step and pinned "
@@ -687,6 +791,7 @@ def main() -> None:
     p.add_argument("--write-weights", help=argparse.SUPPRESS)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-budgets", help=argparse.SUPPRESS)
+    p.add_argument("--child-rows", help=argparse.SUPPRESS)
     ARGS = p.parse_args()
     if ARGS.weights_cache is None:
         # Without forking every child reads the file, so it stays for the whole run: on the disk.
@@ -702,8 +807,13 @@ def main() -> None:
             pipe = tiny_pipeline("flux")
         else:
             pipe = cached_pipeline(ARGS.weights_cache)
-        measure_config(pipe, ARGS.child, [float(b) for b in ARGS.child_budgets.split(",")],
-                       lambda row: print("ROW " + json.dumps(row), flush=True))
+        with open(ARGS.child_rows, "w") as rows:
+
+            def emit(row: dict[str, Any]) -> None:
+                rows.write(json.dumps(row) + "\n")
+                rows.flush()
+
+            measure_config(pipe, ARGS.child, [float(b) for b in ARGS.child_budgets.split(",")], emit)
         return
     # One thread here: this process never starts an OpenMP team that a forked child would inherit
     # without its threads. The children get _THREADS back.
@@ -742,6 +852,13 @@ def main() -> None:
                 "starting a fresh process per child instead")
             fork = False
             del pipe
+            if ARGS.weights_cache.startswith("/dev/shm/"):
+                # Every child reads it now, so it stays for the run: not in RAM the options plan for.
+                kept = default_weights_cache(keep=True)
+                os.makedirs(os.path.dirname(kept), exist_ok=True)
+                for suffix in ("", ".json"):  # the index last: a file without one is rebuilt
+                    shutil.move(ARGS.weights_cache + suffix, kept + suffix)
+                ARGS.weights_cache = kept
         elif not ARGS.tiny and not ARGS.keep_weights_cache:
             # Read, so no longer needed: its 31 GiB would otherwise sit on the disk the options plan
             # for (vramkit puts fp8 originals in its offload folder only where the disk has room).
@@ -751,35 +868,42 @@ def main() -> None:
         cached_pipeline(ARGS.weights_cache, read=False)  # built once, read by each child
     for n, (config, item_budgets) in enumerate(items):
         elapsed = time.perf_counter() - _STARTED
-        timeout = ARGS.timeout * len(item_budgets)
+        end_at = None
         if ARGS.deadline is not None:
             if elapsed + 60 > ARGS.deadline:
                 left = [(b, c) for c, bs in items[n:] for b in bs]
                 log(f"deadline: {len(left)} configuration(s) not started: " + ", ".join(f"{b:g} {c}" for b, c in left))
                 break
-            timeout = min(timeout, ARGS.deadline - elapsed)
+            end_at = time.monotonic() + ARGS.deadline - elapsed
         log(f"{config} at {', '.join(f'{b:g}' for b in item_budgets)} GiB")
         t_item = time.perf_counter()
         log_path = os.path.join(log_dir, f"child_{ARGS.size}_{config}_{item_budgets[0]:g}.log")
-        if fork:
-            rows, outcome = run_forked(lambda emit, c=config, bs=item_budgets: measure_config(pipe, c, bs, emit),
-                                       timeout, log_path)
-        else:
-            rows, outcome = run_spawned(config, item_budgets, timeout, log_path)
+        rows, outcome, current, how = run_child(config, item_budgets, fork, pipe if fork else None, ARGS.timeout,
+                                                end_at, log_path)
         wall = time.perf_counter() - t_item
         for row in rows:
             row["child_wall_seconds"] = wall
         measured = {r["budget_gib"] for r in rows}
+        # The budget in progress when the child ended; budgets after it never started.
+        stopped_at = current if current is not None else next((b for b in item_budgets if b not in measured), None)
         for b in item_budgets:
             if b in measured:
                 continue
-            if outcome == "timeout":
-                # Cut by the deadline: not final, --resume runs it again. Past --timeout: final.
-                cut = ARGS.deadline is not None and timeout < ARGS.timeout * len(item_budgets)
-                rows.append({"config": config, "budget_gib": b, "status": "cut" if cut else "timeout",
-                             "timeout_s": timeout})
+            row = {"config": config, "budget_gib": b, "harness": "sweep" if len(item_budgets) > 1 else "fork"}
+            if outcome == "cut":
+                # Stopped by --deadline: not final, --resume runs it again.
+                row.update(status="cut", error="the call's deadline came first")
+            elif outcome == "timeout":
+                # Past --timeout: final. The budgets after it were not run (the option's speed does not
+                # depend on the budget, so they would take as long).
+                row.update(status="timeout", timeout_s=ARGS.timeout)
+                if b != stopped_at:
+                    row["error"] = f"not run: timeout at {stopped_at:g} GiB in the same process"
             else:
-                rows.append({"config": config, "budget_gib": b, "status": "crashed", "error": _log_tail(log_path)})
+                # Not final: run again on --resume.
+                row.update(status="crashed", error=f"child {how}: " + (
+                    _log_tail(log_path) if b == stopped_at else f"not run after it crashed at {stopped_at:g} GiB"))
+            rows.append(row)
         results += rows
         for row in rows:
             log(f"  {row['budget_gib']:g} GiB -> {row.get('status')} {row.get('seconds_per_step', '')}")

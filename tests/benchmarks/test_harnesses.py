@@ -185,29 +185,93 @@ def test_bench_pipeline_weights_cache_round_trips_a_pipeline(tmp_path: Path) -> 
     Path(path + ".json").write_text(json.dumps(index))
     with pytest.raises(SystemExit, match="does not hold"):
         bench_pipeline.load_weights(tiny_pipeline("flux", seed=1), path)
+    # So is a file cut short (a full disk while writing, a copy interrupted).
+    index["entries"][0]["shape"] = list(saved.text_encoder.state_dict()[index["entries"][0]["name"][6:]].shape)
+    Path(path + ".json").write_text(json.dumps(index))
+    with open(path, "r+b") as f:
+        f.truncate(index["nbytes"] - 10)
+    with pytest.raises(SystemExit, match="truncated"):
+        bench_pipeline.load_weights(tiny_pipeline("flux", seed=1), path)
 
 
-def test_bench_pipeline_forked_child_runs_exit_finalizers(tmp_path: Path) -> None:
-    """A forked child exits through os._exit: the finalizers a normal exit runs (vramkit deletes its
-    offload files there) must still run, or the next child plans for a fuller disk."""
+def _bench_pipeline():  # type: ignore[no-untyped-def]
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_pipeline
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    marker = tmp_path / "finalized"
+    return bench_pipeline
+
+
+def test_bench_pipeline_forked_child_runs_its_exit_finalizers_not_the_parents(tmp_path: Path) -> None:
+    """A forked child exits through os._exit: the finalizers a normal exit runs (vramkit deletes its
+    offload files there) must still run for the child's objects, or the next child plans for a
+    fuller disk; the parent's own finalizers are not the child's to run."""
+    import weakref
+
+    bench_pipeline = _bench_pipeline()
 
     class Held:
         pass
 
+    parents = Held()
+    weakref.finalize(parents, (tmp_path / "parent").write_text, "ran")
+
     def target(emit: object) -> None:
-        import weakref
+        held = Held()  # alive until exit, like an offload file nobody restored
+        target.held = held  # type: ignore[attr-defined]
+        weakref.finalize(held, (tmp_path / "child").write_text, "ran")
+        emit({"config": "x", "budget_gib": 1.0})  # type: ignore[operator]
 
-        target.held = Held()  # alive until exit, like an offload file nobody restored
-        weakref.finalize(target.held, marker.write_text, "yes")
-        emit({"config": "x", "budget_gib": 1.0})
+    rows, outcome, current, how = bench_pipeline.run_forked(target, 60, None, str(tmp_path / "child.log"))
+    assert outcome is None and rows == [{"config": "x", "budget_gib": 1.0}] and how == "exit status 0"
+    assert (tmp_path / "child").read_text() == "ran"
+    assert not (tmp_path / "parent").exists()
 
-    rows, outcome = bench_pipeline.run_forked(target, 60, str(tmp_path / "child.log"))
-    assert outcome is None and rows == [{"config": "x", "budget_gib": 1.0}]
-    assert marker.read_text() == "yes"
-    assert not hasattr(target, "held")  # the child's state never reached this process
+
+def test_bench_pipeline_times_each_budget_of_a_child(tmp_path: Path) -> None:
+    import time
+
+    bench_pipeline = _bench_pipeline()
+
+    def slow_second(emit):  # type: ignore[no-untyped-def]
+        emit({"_start": 12.0})
+        time.sleep(0.8)  # within the per-budget limit although the child runs longer than it in all
+        emit({"config": "x", "budget_gib": 12.0, "status": "ok"})
+        emit({"_start": 8.0})
+        time.sleep(30)
+
+    t0 = time.monotonic()
+    rows, outcome, current, how = bench_pipeline.run_forked(slow_second, 0.6 * 2, None, str(tmp_path / "a.log"))
+    assert [r["budget_gib"] for r in rows] == [12.0] and outcome == "timeout" and current == 8.0
+    assert how == "killed by signal 9" and time.monotonic() - t0 < 10
+    # The call's deadline: "cut" (run again on --resume), the budget in progress named.
+    rows, outcome, current, _ = bench_pipeline.run_forked(slow_second, 60, time.monotonic() + 1.5,
+                                                          str(tmp_path / "b.log"))
+    assert [r["budget_gib"] for r in rows] == [12.0] and outcome == "cut" and current == 8.0
+
+    def fails(emit):  # type: ignore[no-untyped-def]
+        emit({"_start": 6.0})
+        raise RuntimeError("boom")
+
+    rows, outcome, current, how = bench_pipeline.run_forked(fails, 60, None, str(tmp_path / "c.log"))
+    assert rows == [] and outcome == "crashed" and current == 6.0 and how == "exit status 1"
+    assert "boom" in (tmp_path / "c.log").read_text()
+
+
+def test_bench_pipeline_rows_file_skips_half_written_and_bad_lines(tmp_path: Path) -> None:
+    bench_pipeline = _bench_pipeline()
+    path = tmp_path / "rows"
+    path.write_bytes(b'{"a": 1}\nnot json\n{"b": 2}\n{"c": ')
+    rows, offset = bench_pipeline._read_rows(str(path), 0)
+    assert rows == [{"a": 1}, {"b": 2}] and offset == len(b'{"a": 1}\nnot json\n{"b": 2}\n')
+    with path.open("ab") as f:
+        f.write(b'3}\n')
+    assert bench_pipeline._read_rows(str(path), offset) == ([{"c": 3}], path.stat().st_size)
+
+
+def test_bench_pipeline_sweeps_start_at_the_whole_gpu() -> None:
+    bench_pipeline = _bench_pipeline()
+    items = bench_pipeline.plan_items(["diffusers-model-offload", "vramkit"], [8.0, 0.0, 12.0],
+                                      {(12.0, "vramkit")}, reference=False)
+    assert items == [("diffusers-model-offload", [0.0, 12.0, 8.0]), ("vramkit", [8.0]), ("vramkit", [0.0])]
