@@ -2,7 +2,8 @@
 
 Run on the GPU machine from the repository root:
 
-    PYTHONPATH=src:/tmp/site python3 benchmarks/bench_pipeline.py --size 1024 --budgets 4,6,8,12,16,24
+    PYTHONPATH=src:/tmp/site python3 benchmarks/bench_pipeline.py --size 1024 --budgets 4,6,8,12,16,24 \
+        --configs suite --deadline 540
 
 Peers (``--configs ...,diffusers-mm,diffusers-dynamic-offloader,mmgp,mmgp-int8``) need their wheels in
 /tmp/site: diffusers-mm 0.4.0, diffusers-dynamic-offloader 0.1.0rc2, mmgp 3.8.2 and optimum-quanto 0.2.7
@@ -104,6 +105,11 @@ SWEEP_CONFIGS = frozenset({
     "diffusers-leaf-stream", "diffusers-leaf-stream-fp8", "diffusers-block-stream", "diffusers-block-stream-fp8",
     "diffusers-model-offload", "diffusers-sequential", "mmgp", "mmgp-int8",
 })
+#: ``--configs suite``: every option of the suite, vramkit and diffusers' built-ins first (the
+#: comparisons the acceptance figures need), the slowest last.
+SUITE = ("vramkit", "vramkit-fp8", "diffusers-leaf-stream", "diffusers-leaf-stream-fp8", "diffusers-block-stream",
+         "diffusers-block-stream-fp8", "diffusers-model-offload", "diffusers-mm", "diffusers-dynamic-offloader",
+         "mmgp", "mmgp-int8", "diffusers-sequential")
 #: The components the weights cache holds, in file order.
 COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
 #: Bumped when the cache's layout changes (an old file is then rebuilt, not misread).
@@ -759,7 +765,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--budgets", default="8,12")
-    p.add_argument("--configs", default="vramkit,vramkit-fp8,diffusers-leaf-stream,diffusers-leaf-stream-fp8")
+    p.add_argument("--configs", default="vramkit,vramkit-fp8,diffusers-leaf-stream,diffusers-leaf-stream-fp8",
+                   help="comma-separated, in the order to run; 'suite' = every option the suite compares: "
+                        + ",".join(SUITE))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--timeout", type=int, default=240,
                    help="seconds per configuration and budget (the first budget of a child includes its apply)")
@@ -829,7 +837,11 @@ def main() -> None:
         results, commands = resumed(ARGS.resume)
     budgets = [float(b) for b in ARGS.budgets.split(",")]
     done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL}
-    items = plan_items(ARGS.configs.split(","), budgets, done, ARGS.reference)
+    configs = list(SUITE) if ARGS.configs == "suite" else ARGS.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)} (or 'suite')")
+    items = plan_items(configs, budgets, done, ARGS.reference)
     if ARGS.resume:
         log(f"resuming {ARGS.resume}: {len(done)} row(s) already measured, {sum(len(b) for _, b in items)} to go")
     # A crashed or cut row of a configuration that runs again is replaced, not kept beside it.

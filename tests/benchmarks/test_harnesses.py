@@ -275,3 +275,10 @@ def test_bench_pipeline_sweeps_start_at_the_whole_gpu() -> None:
     items = bench_pipeline.plan_items(["diffusers-model-offload", "vramkit"], [8.0, 0.0, 12.0],
                                       {(12.0, "vramkit")}, reference=False)
     assert items == [("diffusers-model-offload", [0.0, 12.0, 8.0]), ("vramkit", [8.0]), ("vramkit", [0.0])]
+
+
+def test_bench_pipeline_names_an_unknown_option_before_running(tmp_path: Path) -> None:
+    proc = _run(["benchmarks/bench_pipeline.py", "--tiny", "--budgets", "8", "--no-reference", "--configs",
+                 "vramkit,diffusers-leaf"], tmp_path)
+    assert proc.returncode != 0 and "unknown diffusers-leaf" in proc.stderr and "'suite'" in proc.stderr
+    assert not (tmp_path / "pipeline_1024_tiny.json").exists()
