@@ -224,29 +224,38 @@ def write_weights(path: str) -> None:
                               "device": torch.cuda.get_device_name(0)})
 
 
-def default_weights_cache(keep: bool) -> str:
-    """RAM-backed /dev/shm when it can hold the weights with room to spare and the file is deleted
-    once read (faster to write and read than the disk); the local disk otherwise (a kept file in
-    /dev/shm would take 31 GiB of the RAM the options measured plan for)."""
-    name = "flux-dev-bf16-seed0.bin"
+def _fresh_cache(path: str) -> bool:
     try:
-        shm_free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+        with open(path + ".json") as f:
+            return json.load(f).get("format") == WEIGHTS_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def default_weights_cache(keep: bool) -> str:
+    """An existing cache (one kept by an earlier call on this machine) where there is one; else
+    RAM-backed /dev/shm when it can hold the weights with room to spare and the file is deleted once
+    read (faster to write and read than the disk); else the local disk (a kept file in /dev/shm
+    would take 31 GiB of the RAM the options measured plan for)."""
+    name = "flux-dev-bf16-seed0.bin"
+    shm, disk = os.path.join("/dev/shm", "vramkit-bench", name), os.path.join(".bench_cache", name)
+    for path in (disk, shm) if keep else (shm, disk):
+        if _fresh_cache(path):
+            return path
+    try:
+        stat = os.statvfs("/dev/shm")
+        shm_free = stat.f_bavail * stat.f_frsize
     except OSError:
         shm_free = 0
     if not keep and shm_free > 40 * GIB and os.access("/dev/shm", os.W_OK):
-        return os.path.join("/dev/shm", "vramkit-bench", name)
-    return os.path.join(".bench_cache", name)
+        return shm
+    return disk
 
 
 def cached_pipeline(path: str, read: bool = True) -> Any:
     """The full-size random-weight pipeline in host RAM, from the cache (built first if missing;
     ``read=False`` only builds it)."""
-    try:
-        with open(path + ".json") as f:
-            fresh = json.load(f).get("format") == WEIGHTS_FORMAT
-    except (OSError, ValueError):
-        fresh = False
-    if not fresh:
+    if not _fresh_cache(path):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         log(f"building the random-weight pipeline on the GPU into {path}")
         subprocess.run([sys.executable, __file__, "--write-weights", path], check=True)
@@ -575,40 +584,45 @@ def _read_rows(path: str, offset: int) -> tuple[list[dict[str, Any]], int]:
 def supervise(poll: Callable[[], int | None], kill: Callable[[], None], rows_path: str, budget_timeout: float,
               end_at: float | None) -> tuple[list[dict[str, Any]], str | None, float | None, int | None]:
     """Wait for a child that writes rows (and a ``{"_start": budget}`` line before each budget) to
-    ``rows_path``. ``poll()`` gives its exit status once it has ended; it is killed when one budget
-    runs past ``budget_timeout`` seconds ("timeout") or at ``end_at`` (a ``time.monotonic()``;
-    "cut"). Returns its rows, the outcome (None when it ended by itself, or "timeout", "cut",
-    "crashed"), the budget it was measuring when it ended or was killed (None after its last row),
-    and its exit status."""
+    ``rows_path``. ``poll()`` gives its exit status once it has ended. It is killed when a budget
+    runs past ``budget_timeout`` seconds ("timeout", final), at ``end_at`` (a ``time.monotonic()``),
+    or when it takes longer than ``budget_timeout`` to start its first budget or to exit after its
+    last row (both "cut": no budget ran over, so --resume runs it again). Returns its rows, the
+    outcome (None when it ended by itself, or "timeout", "cut", "crashed"), the budget it was
+    measuring when it ended or was killed (None after a row), and its exit status."""
     rows: list[dict[str, Any]] = []
-    offset = 0
-    current: float | None = None
-    started = time.monotonic()
+    state: dict[str, Any] = {"offset": 0, "current": None, "started": time.monotonic()}
+
+    def read() -> None:
+        new, state["offset"] = _read_rows(rows_path, state["offset"])
+        for row in new:
+            if "_start" in row:
+                state["current"], state["started"] = row["_start"], time.monotonic()
+            else:
+                rows.append(row)
+                state["current"], state["started"] = None, time.monotonic()
+
     outcome = None
     while True:
         status = poll()
-        new, offset = _read_rows(rows_path, offset)
-        for row in new:
-            if "_start" in row:
-                current, started = row["_start"], time.monotonic()
-            else:
-                rows.append(row)
-                current = None
+        read()  # after poll: a child that has ended has written everything
         if status is not None:
             outcome = "crashed" if status != 0 else None
             break
         now = time.monotonic()
-        if now - started > budget_timeout or (end_at is not None and now > end_at):
+        over = now - state["started"] > budget_timeout
+        if over or (end_at is not None and now > end_at):
+            # A budget ran over only if one was running (not before the first or after a row).
+            ran_over = over and state["current"] is not None
             kill()
             status = poll()
-            outcome = "timeout" if now - started > budget_timeout else "cut"
+            read()  # what it wrote between the last read and the kill
+            outcome = "timeout" if ran_over else "cut"
             break
         time.sleep(0.1)
-    new, offset = _read_rows(rows_path, offset)
-    rows += [r for r in new if "_start" not in r]
     if os.path.exists(rows_path):
         os.remove(rows_path)
-    return rows, outcome, current, status
+    return rows, outcome, state["current"], status
 
 
 def run_forked(target: Callable[[Callable[[dict[str, Any]], None]], None], budget_timeout: float,
@@ -616,6 +630,8 @@ def run_forked(target: Callable[[Callable[[dict[str, Any]], None]], None], budge
     """``target(emit)`` in a forked child, supervised (see :func:`supervise`); the last item says
     how the child ended."""
     rows_path = log_path + ".rows"
+    if os.path.exists(rows_path):
+        os.remove(rows_path)  # a leftover of a killed run would be read as this child's
     pid = _start_fork(target, log_path, rows_path)
     waited: dict[str, int] = {}
 
@@ -648,6 +664,8 @@ def run_child(config: str, budgets: list[float], fork: bool, pipe: Any, budget_t
         return run_forked(lambda emit: measure_config(pipe, config, budgets, emit), budget_timeout, end_at,
                           log_path)
     rows_path = log_path + ".rows"
+    if os.path.exists(rows_path):
+        os.remove(rows_path)
     cmd = [sys.executable, __file__, "--child", config, "--child-budgets", ",".join(map(str, budgets)),
            "--child-rows", rows_path, "--size", str(ARGS.size), "--steps", str(ARGS.steps),
            "--weights-cache", ARGS.weights_cache] + (["--tiny"] if ARGS.tiny else [])
@@ -864,7 +882,7 @@ def main() -> None:
                 "starting a fresh process per child instead")
             fork = False
             del pipe
-            if ARGS.weights_cache.startswith("/dev/shm/"):
+            if not ARGS.tiny and ARGS.weights_cache.startswith("/dev/shm/"):
                 # Every child reads it now, so it stays for the run: not in RAM the options plan for.
                 kept = default_weights_cache(keep=True)
                 os.makedirs(os.path.dirname(kept), exist_ok=True)

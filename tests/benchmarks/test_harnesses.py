@@ -234,9 +234,18 @@ def test_bench_pipeline_times_each_budget_of_a_child(tmp_path: Path) -> None:
 
     bench_pipeline = _bench_pipeline()
 
+    def two_budgets(emit):  # type: ignore[no-untyped-def]
+        for budget in (12.0, 8.0):
+            emit({"_start": budget})
+            time.sleep(0.8)  # each within the per-budget limit, the two together past it
+            emit({"config": "x", "budget_gib": budget, "status": "ok"})
+
+    rows, outcome, current, how = bench_pipeline.run_forked(two_budgets, 0.6 * 2, None, str(tmp_path / "0.log"))
+    assert [r["budget_gib"] for r in rows] == [12.0, 8.0] and outcome is None and current is None
+
     def slow_second(emit):  # type: ignore[no-untyped-def]
         emit({"_start": 12.0})
-        time.sleep(0.8)  # within the per-budget limit although the child runs longer than it in all
+        time.sleep(0.8)
         emit({"config": "x", "budget_gib": 12.0, "status": "ok"})
         emit({"_start": 8.0})
         time.sleep(30)
@@ -282,3 +291,20 @@ def test_bench_pipeline_names_an_unknown_option_before_running(tmp_path: Path) -
                  "vramkit,diffusers-leaf"], tmp_path)
     assert proc.returncode != 0 and "unknown diffusers-leaf" in proc.stderr and "'suite'" in proc.stderr
     assert not (tmp_path / "pipeline_1024_tiny.json").exists()
+
+
+def test_bench_pipeline_supervise_reads_what_a_killed_child_wrote_last(tmp_path: Path) -> None:
+    """Rows written between the parent's last read and the kill are kept, and the budget they
+    started is the one in progress; a child killed between budgets (none running over) is cut, not
+    timed out, so --resume runs the rest again."""
+    bench_pipeline = _bench_pipeline()
+    rows_path = tmp_path / "rows"
+    rows_path.write_text('{"_start": 12.0}\n{"config": "x", "budget_gib": 12.0}\n')
+
+    def kill() -> None:
+        with rows_path.open("a") as f:  # the child got this far before the signal landed
+            f.write('{"config": "x", "budget_gib": 12.5}\n{"_start": 8.0}\n')
+
+    rows, outcome, current, status = bench_pipeline.supervise(lambda: None, kill, str(rows_path), -1.0, None)
+    assert [r["budget_gib"] for r in rows] == [12.0, 12.5] and current == 8.0
+    assert outcome == "cut" and status is None and not rows_path.exists()
