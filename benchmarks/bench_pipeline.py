@@ -512,6 +512,28 @@ def measure_config(pipe: Any, config: str, budgets: list[float], emit: Callable[
                 return
 
 
+def measured_pipeline() -> Any:
+    """The pipeline the children measure: the tiny CPU one with ``--tiny``, else the full-size one
+    from the weights cache."""
+    if ARGS.tiny:
+        from vramkit.testing import tiny_pipeline
+
+        return tiny_pipeline("flux")
+    return cached_pipeline(ARGS.weights_cache)
+
+
+def write_rows(path: str, target: Callable[[Callable[[dict[str, Any]], None]], None]) -> None:
+    """Run ``target(emit)``, each emitted row a JSON line of ``path``, flushed at once (the parent
+    reads the file while the child runs)."""
+    with open(path, "w") as rows:
+
+        def emit(row: dict[str, Any]) -> None:
+            rows.write(json.dumps(row) + "\n")
+            rows.flush()
+
+        target(emit)
+
+
 def _start_fork(target: Callable[[Callable[[dict[str, Any]], None]], None], log_path: str,
                 rows_path: str) -> int:
     """Fork a child that runs ``target(emit)``, its output to ``log_path`` and each emitted row a
@@ -539,13 +561,7 @@ def _start_fork(target: Callable[[Callable[[dict[str, Any]], None]], None], log_
         for inherited in list(weakref.finalize._registry):  # type: ignore[attr-defined]
             inherited.detach()
         torch.set_num_threads(_THREADS)
-        with open(rows_path, "w") as rows:
-
-            def emit(row: dict[str, Any]) -> None:
-                rows.write(json.dumps(row) + "\n")
-                rows.flush()
-
-            target(emit)
+        write_rows(rows_path, target)
         code = 0
     except BaseException:  # noqa: BLE001 - the child reports everything in its log and exits
         traceback.print_exc()
@@ -827,19 +843,9 @@ def main() -> None:
         return
     if ARGS.child:
         torch.set_num_threads(_THREADS)
-        if ARGS.tiny:
-            from vramkit.testing import tiny_pipeline
-
-            pipe = tiny_pipeline("flux")
-        else:
-            pipe = cached_pipeline(ARGS.weights_cache)
-        with open(ARGS.child_rows, "w") as rows:
-
-            def emit(row: dict[str, Any]) -> None:
-                rows.write(json.dumps(row) + "\n")
-                rows.flush()
-
-            measure_config(pipe, ARGS.child, [float(b) for b in ARGS.child_budgets.split(",")], emit)
+        pipe = measured_pipeline()
+        write_rows(ARGS.child_rows, lambda emit: measure_config(
+            pipe, ARGS.child, [float(b) for b in ARGS.child_budgets.split(",")], emit))
         return
     # One thread here: this process never starts an OpenMP team that a forked child would inherit
     # without its threads. The children get _THREADS back.
@@ -871,12 +877,7 @@ def main() -> None:
     os.makedirs(log_dir, exist_ok=True)
     fork = ARGS.fork
     if items and fork:
-        if ARGS.tiny:
-            from vramkit.testing import tiny_pipeline
-
-            pipe = tiny_pipeline("flux")
-        else:
-            pipe = cached_pipeline(ARGS.weights_cache)
+        pipe = measured_pipeline()
         if torch.cuda.is_initialized():
             log("CUDA was initialized in this process (an import?): forked children could not use it; "
                 "starting a fresh process per child instead")
