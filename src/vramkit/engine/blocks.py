@@ -27,8 +27,13 @@ __all__ = [
     "split_streamed",
     "execution_order",
     "BLOCK_STACK_PATHS",
+    "STREAMABLE_COMPONENTS",
     "COMPUTE_PER_BYTE",
 ]
+
+#: Pipeline components whose blocks vramkit can stream (BlockStreaming's ``components``; the
+#: planner sizes the streaming geometry of these only).
+STREAMABLE_COMPONENTS: tuple[str, ...] = ("transformer", "controlnet", "text_encoder_2", "text_encoder")
 
 #: Attribute paths of the repeated-block stacks, in execution order, for the architectures vramkit
 #: streams: FluxTransformer2DModel and FluxControlNetModel (double-stream blocks, then single-stream

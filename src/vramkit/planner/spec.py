@@ -224,9 +224,6 @@ def _splits_into_parts(stacks: list[tuple[str, torch.nn.Module]]) -> bool:
         return False
 
 
-_STREAMABLE = ("transformer", "controlnet", "text_encoder_2", "text_encoder")
-
-
 def spec_from_modules(
     modules: Mapping[str, torch.nn.Module],
     kind: str = "flux",
@@ -251,9 +248,11 @@ def spec_from_modules(
         # Passes of each distinct net per step: a net listed n times runs n times; a multi-ControlNet
         # of one union net runs once per control image (at least two, or it would not be a multi).
         controls = max(2, len(nets)) if distinct == 1 else max(1, len(nets) // distinct)
+    from ..engine.blocks import STREAMABLE_COMPONENTS
+
     for attr, module in modules.items():
         sizes = component_sizes(attr, module)
-        geometry = _stream_geometry(module) if attr in _STREAMABLE else None
+        geometry = _stream_geometry(module) if attr in STREAMABLE_COMPONENTS else None
         comps[attr] = ComponentSpec(sizes=sizes, stream=geometry)
     return PipelineSpec(
         components=comps,

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._state import get_state
 from ..engine import BlockStreamer, compute_layout, find_block_stacks, max_resident_for_budget
-from ..engine.blocks import UNITS
+from ..engine.blocks import STREAMABLE_COMPONENTS, UNITS
 from ..engine.layout import STORAGES
 from ..engine.streamer import HOSTS, ORIGINALS, TensorSource
 from ..errors import InvalidRequestError, UnsupportedPipelineError
@@ -39,8 +39,6 @@ __all__ = [
 
 logger = logging.getLogger("vramkit")
 
-#: Components BlockStreaming knows the blocks of.
-STREAMABLE_COMPONENTS = ("transformer", "controlnet", "text_encoder_2", "text_encoder")
 NO_CUDA_REASON = "no CUDA device: BlockStreaming is a no-op here"
 _SOURCE_ATTR = "_vramkit_weight_source"
 
