@@ -9,14 +9,15 @@ Peers (``--configs ...,diffusers-mm,diffusers-dynamic-offloader,mmgp,mmgp-int8``
 /tmp/site: diffusers-mm 0.4.0, diffusers-dynamic-offloader 0.1.0rc2, mmgp 3.8.2 and optimum-quanto 0.2.7
 (``pip download --no-deps`` into ``.whl/``, installed there with ``pip install --no-deps --target``).
 
-The pipeline is the full-size FLUX.1-dev (T5-XXL, CLIP-L, transformer, VAE) with random bf16 weights,
-built once on the GPU (seed 0) by a fresh process that writes them raw to ``--weights-cache`` (31.4 GiB
-on local disk, reused by later calls on the same machine). This process reads them into host RAM, never
-touches CUDA, and forks one child per configuration: each child starts with the pipeline in host RAM
-as a fresh process would (its resident set counts those pages; what it frees or pins is its own), and
-no configuration's hooks, caches or CUDA state reach another. One difference remains: pages a child
-frees stay in this process, so the host's available RAM (recorded per row) does not rise as it
-would in a fresh process; ``--no-fork`` starts a fresh process per child where that matters. A ballast makes
+The pipeline is the full-size FLUX.1-dev (T5-XXL, CLIP-L, transformer, VAE) with random bf16
+weights, built on the GPU (seed 0) by a fresh process that writes them raw to ``--weights-cache``
+(31.4 GiB, in /dev/shm where it has room, else on local disk; deleted once read unless
+``--keep-weights-cache``). This process reads them into host RAM, never touches CUDA, and forks one child per
+configuration: each child starts with the pipeline in host RAM as a fresh process would (its
+resident set counts those pages; what it frees or pins is its own), and no configuration's hooks,
+caches or CUDA state reach another. One difference remains: pages a child frees stay in this
+process, so the host's available RAM (recorded per row) does not rise as it would in a fresh
+process; ``--no-fork`` starts a fresh process per child where that matters. A ballast makes
 ``torch.cuda.mem_get_info()`` report exactly the budget as free (any overshoot is a real CUDA OOM).
 
 Options that never read the free memory (diffusers' built-ins; mmgp, which sizes itself from the
@@ -148,13 +149,18 @@ def build(tiny: bool) -> Any:
         from vramkit.testing import tiny_pipeline
 
         return tiny_pipeline("flux")
-    from vramkit.testing.full_size import full_size_flux_pipeline
-
-    torch.manual_seed(0)
-    pipe = full_size_flux_pipeline("flux-dev", device="cuda", dtype=torch.bfloat16)
+    pipe = _random_pipeline_on_gpu()
     pipe.to("cpu")
     torch.cuda.empty_cache()
     return pipe
+
+
+def _random_pipeline_on_gpu() -> Any:
+    """The full-size FLUX.1-dev pipeline, random bf16 weights (seed 0) created on the GPU."""
+    from vramkit.testing.full_size import full_size_flux_pipeline
+
+    torch.manual_seed(0)
+    return full_size_flux_pipeline("flux-dev", device="cuda", dtype=torch.bfloat16)
 
 
 def _cached_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -228,12 +234,9 @@ def load_weights(pipe: Any, path: str) -> Any:
 def write_weights(path: str) -> None:
     """(A fresh process, on the GPU.) The pipeline ``build`` makes, saved for the forked children."""
     torch.set_num_threads(_THREADS)
-    torch.manual_seed(0)
-    from vramkit.testing.full_size import full_size_flux_pipeline
-
-    pipe = full_size_flux_pipeline("flux-dev", device="cuda", dtype=torch.bfloat16)
-    save_weights(pipe, path, {"model": "flux-dev", "dtype": "bfloat16", "seed": 0, "torch": torch.__version__,
-                              "device": torch.cuda.get_device_name(0)})
+    about = {"model": "flux-dev", "dtype": "bfloat16", "seed": 0, "torch": torch.__version__,
+             "device": torch.cuda.get_device_name(0)}
+    save_weights(_random_pipeline_on_gpu(), path, about)
 
 
 def _fresh_cache(path: str) -> bool:
@@ -527,11 +530,7 @@ def measure_config(pipe: Any, config: str, budgets: list[float], emit: Callable[
 def measured_pipeline() -> Any:
     """The pipeline the children measure: the tiny CPU one with ``--tiny``, else the full-size one
     from the weights cache."""
-    if ARGS.tiny:
-        from vramkit.testing import tiny_pipeline
-
-        return tiny_pipeline("flux")
-    return cached_pipeline(ARGS.weights_cache)
+    return build(tiny=True) if ARGS.tiny else cached_pipeline(ARGS.weights_cache)
 
 
 def write_rows(path: str, target: Callable[[Callable[[dict[str, Any]], None]], None]) -> None:
