@@ -786,6 +786,19 @@ def write_payload(path: str, results: list[dict[str, Any]], commands: list[str])
         json.dump(payload, f, indent=1)
 
 
+def split_config(entry: str) -> tuple[str, list[float] | None]:
+    """``name`` or ``name@B1/B2``: a configuration and, where given, its own budgets (GiB) in place of
+    --budgets (an option whose speed does not depend on the budget, measured where it matters)."""
+    name, _, own = entry.partition("@")
+    if not own:
+        return name, None
+    try:
+        return name, [float(b) for b in own.split("/")]
+    except ValueError:
+        raise SystemExit(f"--configs {entry}: budgets after '@' are numbers in GiB separated by '/', "
+                         f"e.g. {name}@4/8") from None
+
+
 def plan_items(configs: list[str], budgets: list[float], done: set[tuple[float, str]],
                reference: bool) -> list[tuple[str, list[float]]]:
     """What to run, in order, as (config, budgets) per child: the reference first, then each config in
@@ -794,8 +807,9 @@ def plan_items(configs: list[str], budgets: list[float], done: set[tuple[float, 
     items: list[tuple[str, list[float]]] = []
     if reference and (0.0, "unoptimized") not in done:
         items.append(("unoptimized", [0.0]))
-    for config in configs:
-        todo = [b for b in budgets if (b, config) not in done]
+    for entry in configs:
+        config, own = split_config(entry)
+        todo = [b for b in (budgets if own is None else own) if (b, config) not in done]
         if config in SWEEP_CONFIGS:
             if todo:
                 # From the largest down; budget 0 is the whole GPU, the largest of all.
@@ -811,7 +825,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--budgets", default="8,12")
     p.add_argument("--configs", default="vramkit,vramkit-fp8,diffusers-leaf-stream,diffusers-leaf-stream-fp8",
-                   help="comma-separated, in the order to run; 'suite' = every option the suite compares: "
+                   help="comma-separated, in the order to run, each NAME or NAME@B1/B2 (its own budgets in "
+                        "place of --budgets); 'suite' = every option the suite compares: "
                         + ",".join(SUITE))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--timeout", type=int, default=240,
@@ -873,7 +888,7 @@ def main() -> None:
     budgets = [float(b) for b in ARGS.budgets.split(",")]
     done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL}
     configs = list(SUITE) if ARGS.configs == "suite" else ARGS.configs.split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
+    unknown = [c for c in configs if split_config(c)[0] not in CONFIGS]
     if unknown:
         raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)} (or 'suite')")
     items = plan_items(configs, budgets, done, ARGS.reference)

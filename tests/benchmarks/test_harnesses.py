@@ -286,6 +286,15 @@ def test_bench_pipeline_sweeps_start_at_the_whole_gpu() -> None:
     assert items == [("diffusers-model-offload", [0.0, 12.0, 8.0]), ("vramkit", [8.0]), ("vramkit", [0.0])]
 
 
+def test_bench_pipeline_an_option_can_carry_its_own_budgets() -> None:
+    bench_pipeline = _bench_pipeline()
+    items = bench_pipeline.plan_items(["diffusers-sequential@4", "vramkit", "mmgp@24/4"], [8.0, 4.0],
+                                      {(24.0, "mmgp")}, reference=False)
+    assert items == [("diffusers-sequential", [4.0]), ("vramkit", [8.0]), ("vramkit", [4.0]), ("mmgp", [4.0])]
+    with pytest.raises(SystemExit, match="diffusers-sequential@4/x"):
+        bench_pipeline.split_config("diffusers-sequential@4/x")
+
+
 def test_bench_pipeline_names_an_unknown_option_before_running(tmp_path: Path) -> None:
     proc = _run(["benchmarks/bench_pipeline.py", "--tiny", "--budgets", "8", "--no-reference", "--configs",
                  "vramkit,diffusers-leaf"], tmp_path)
