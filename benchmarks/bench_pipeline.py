@@ -44,6 +44,9 @@ machine: with ``--deadline 540`` no configuration starts after 540 s less a minu
 540 s (what it had not measured is recorded as ``cut`` and runs again), and the next call continues
 with ``--resume <the file the last call wrote>`` (carried into the working tree), skipping what was
 measured; the file lists every call's command under ``commands``.
+
+``--configs`` entries may carry their own budgets, ``NAME@B1/B2`` in place of ``--budgets`` (e.g.
+``diffusers-sequential@4``: an option whose speed does not depend on the budget, measured at one).
 """
 
 from __future__ import annotations
