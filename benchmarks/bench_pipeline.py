@@ -792,8 +792,8 @@ def write_payload(path: str, results: list[dict[str, Any]], commands: list[str])
 def split_config(entry: str) -> tuple[str, list[float] | None]:
     """``name`` or ``name@B1/B2``: a configuration and, where given, its own budgets (GiB) in place of
     --budgets (an option whose speed does not depend on the budget, measured where it matters)."""
-    name, _, own = entry.partition("@")
-    if not own:
+    name, at, own = entry.partition("@")
+    if not at:
         return name, None
     try:
         return name, [float(b) for b in own.split("/")]

@@ -293,6 +293,8 @@ def test_bench_pipeline_an_option_can_carry_its_own_budgets() -> None:
     assert items == [("diffusers-sequential", [4.0]), ("vramkit", [8.0]), ("vramkit", [4.0]), ("mmgp", [4.0])]
     with pytest.raises(SystemExit, match="diffusers-sequential@4/x"):
         bench_pipeline.split_config("diffusers-sequential@4/x")
+    with pytest.raises(SystemExit, match="budgets after '@'"):
+        bench_pipeline.split_config("diffusers-sequential@")
 
 
 def test_bench_pipeline_names_an_unknown_option_before_running(tmp_path: Path) -> None:
