@@ -621,16 +621,19 @@ def supervise(poll: Callable[[], int | None], kill: Callable[[], None], rows_pat
     outcome (None when it ended by itself, or "timeout", "cut", "crashed"), the budget it was
     measuring when it ended or was killed (None after a row), and its exit status."""
     rows: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"offset": 0, "current": None, "started": time.monotonic()}
+    offset = 0
+    current: float | None = None
+    started = time.monotonic()
 
     def read() -> None:
-        new, state["offset"] = _read_rows(rows_path, state["offset"])
+        nonlocal offset, current, started
+        new, offset = _read_rows(rows_path, offset)
         for row in new:
             if "_start" in row:
-                state["current"], state["started"] = row["_start"], time.monotonic()
+                current, started = row["_start"], time.monotonic()
             else:
                 rows.append(row)
-                state["current"], state["started"] = None, time.monotonic()
+                current, started = None, time.monotonic()
 
     outcome = None
     while True:
@@ -640,10 +643,10 @@ def supervise(poll: Callable[[], int | None], kill: Callable[[], None], rows_pat
             outcome = "crashed" if status != 0 else None
             break
         now = time.monotonic()
-        over = now - state["started"] > budget_timeout
+        over = now - started > budget_timeout
         if over or (end_at is not None and now > end_at):
             # A budget ran over only if one was running (not before the first or after a row).
-            ran_over = over and state["current"] is not None
+            ran_over = over and current is not None
             kill()
             status = poll()
             read()  # what it wrote between the last read and the kill
@@ -652,16 +655,23 @@ def supervise(poll: Callable[[], int | None], kill: Callable[[], None], rows_pat
         time.sleep(0.1)
     if os.path.exists(rows_path):
         os.remove(rows_path)
-    return rows, outcome, state["current"], status
+    return rows, outcome, current, status
+
+
+def _rows_path(log_path: str) -> str:
+    """The file a child beside ``log_path`` writes its rows to, empty: a leftover of a killed run
+    would be read as this child's."""
+    rows_path = log_path + ".rows"
+    if os.path.exists(rows_path):
+        os.remove(rows_path)
+    return rows_path
 
 
 def run_forked(target: Callable[[Callable[[dict[str, Any]], None]], None], budget_timeout: float,
                end_at: float | None, log_path: str) -> tuple[list[dict[str, Any]], str | None, float | None, str]:
     """``target(emit)`` in a forked child, supervised (see :func:`supervise`); the last item says
     how the child ended."""
-    rows_path = log_path + ".rows"
-    if os.path.exists(rows_path):
-        os.remove(rows_path)  # a leftover of a killed run would be read as this child's
+    rows_path = _rows_path(log_path)
     pid = _start_fork(target, log_path, rows_path)
     waited: dict[str, int] = {}
 
@@ -693,9 +703,7 @@ def run_child(config: str, budgets: list[float], fork: bool, pipe: Any, budget_t
     if fork:
         return run_forked(lambda emit: measure_config(pipe, config, budgets, emit), budget_timeout, end_at,
                           log_path)
-    rows_path = log_path + ".rows"
-    if os.path.exists(rows_path):
-        os.remove(rows_path)
+    rows_path = _rows_path(log_path)
     cmd = [sys.executable, __file__, "--child", config, "--child-budgets", ",".join(map(str, budgets)),
            "--child-rows", rows_path, "--size", str(ARGS.size), "--steps", str(ARGS.steps),
            "--weights-cache", ARGS.weights_cache] + (["--tiny"] if ARGS.tiny else [])
