@@ -83,7 +83,11 @@ def _commands_text(data: dict[str, Any]) -> str:
     commands = data.get("commands") or [data["environment"]["command"]]
     if len(commands) == 1:
         return f"Command: `{commands[0]}`; "
-    return f"Commands (one run over {len(commands)} calls on one machine, resumed): " + "; ".join(
+    # A run resumed on another machine of the same GPU model (the harness refuses another model) says
+    # how many machines in its "machines" field.
+    machines = int(data.get("machines", 1))
+    where = "one machine" if machines == 1 else f"{machines} machines of one GPU model"
+    return f"Commands (one run over {len(commands)} calls on {where}, resumed): " + "; ".join(
         f"`{c}`" for c in commands
     ) + "; "
 
@@ -333,6 +337,7 @@ def main() -> int:
         ("streaming_1024_parts_h100.json", streaming),
         ("pipeline_1024_grid_h100.json", pipeline),
         ("pipeline_1024_grid_h200.json", pipeline),
+        ("pipeline_1024_grid_anchors_h200.json", pipeline),
         ("pipeline_512_grid_h100.json", pipeline),
         ("pipeline_512_grid_h200.json", pipeline),
         ("pipeline_1024_8gib_h200.json", pipeline),

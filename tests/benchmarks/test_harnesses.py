@@ -90,6 +90,20 @@ def test_committed_results_render() -> None:
     assert committed == proc.stdout, "benchmarks/results/TABLES.md is stale: run benchmarks/render_tables.py"
 
 
+def test_a_run_resumed_on_other_machines_says_so() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import render_tables
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    env = {"command": "c1"}
+    assert render_tables._commands_text({"environment": env}) == "Command: `c1`; "
+    one = render_tables._commands_text({"environment": env, "commands": ["c1", "c2"]})
+    assert one.startswith("Commands (one run over 2 calls on one machine, resumed): `c1`; `c2`")
+    two = render_tables._commands_text({"environment": env, "commands": ["c1", "c2", "c3"], "machines": 2})
+    assert two.startswith("Commands (one run over 3 calls on 2 machines of one GPU model, resumed)")
+
+
 def test_bench_pipeline_tiny_times_steps_from_step_events(tmp_path: Path) -> None:
     proc = _run(["benchmarks/bench_pipeline.py", "--tiny", "--budgets", "8", "--configs", "vramkit",
                  "--steps", "5", "--no-reference"], tmp_path)
