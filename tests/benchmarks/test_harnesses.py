@@ -90,18 +90,51 @@ def test_committed_results_render() -> None:
     assert committed == proc.stdout, "benchmarks/results/TABLES.md is stale: run benchmarks/render_tables.py"
 
 
-def test_a_run_resumed_on_other_machines_says_so() -> None:
+def _render_tables():  # noqa: ANN202 (a script's module, imported from its folder)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import render_tables
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return render_tables
+
+
+def test_a_run_resumed_on_other_machines_says_so() -> None:
+    render_tables = _render_tables()
     env = {"command": "c1"}
     assert render_tables._commands_text({"environment": env}) == "Command: `c1`; "
     one = render_tables._commands_text({"environment": env, "commands": ["c1", "c2"]})
     assert one.startswith("Commands (one run over 2 calls on one machine, resumed): `c1`; `c2`")
     two = render_tables._commands_text({"environment": env, "commands": ["c1", "c2", "c3"], "machines": 2})
     assert two.startswith("Commands (one run over 3 calls on 2 machines of one GPU model, resumed)")
+
+
+def test_floor_uses_the_resident_step_of_the_rows_storage() -> None:
+    rt = _render_tables()
+
+    def row(config: str, budget: float, step: float, streamed: int, storage: str | None) -> dict:
+        plan = {"steps": [{"strategy": "BlockStreaming", "component": "transformer",
+                           "config": {"type": "BlockStreaming", "storage": storage}}]}
+        return {"config": config, "budget_gib": budget, "status": "ok", "seconds_per_step": step,
+                "transformer_streamed_bytes": streamed, "plan": plan}
+
+    ref = {"config": "unoptimized", "budget_gib": 0.0, "status": "ok", "seconds_per_step": 0.10,
+           "pinned_bandwidth": 50e9}
+    bf16_8 = row("vramkit", 8, 0.31, 15_000_000_000, None)
+    fp8_8 = row("vramkit-fp8", 8, 0.13, 2_000_000_000, "fp8")
+    fp8_16 = row("vramkit-fp8", 16, 0.12, 0, "fp8")
+    # bf16: the reference's resident step against the copy time (15 GB / 50 GB/s = 0.3 s).
+    assert rt.floor_seconds([ref, bf16_8, fp8_8], bf16_8) == pytest.approx(0.3)
+    # fp8 without an all-resident fp8 row in the run: the bf16 step, a lower bound (copy 0.04 s).
+    assert rt.floor_seconds([ref, bf16_8, fp8_8], fp8_8) == pytest.approx(0.10)
+    # With one: its step is the fp8 compute term, for every fp8 row of the run.
+    results = [ref, bf16_8, fp8_8, fp8_16]
+    assert rt.resident_seconds(results, "fp8") == pytest.approx(0.12)
+    assert rt.floor_seconds(results, fp8_8) == pytest.approx(0.12)
+    assert rt.floor_seconds(results, bf16_8) == pytest.approx(0.3)
+    # A row streamed with storage as loaded never takes the fp8 term, and no reference means no floor.
+    assert rt.resident_seconds(results, None) == pytest.approx(0.10)
+    assert rt.floor_seconds([bf16_8, fp8_16], fp8_16) is None
 
 
 def test_bench_pipeline_tiny_times_steps_from_step_events(tmp_path: Path) -> None:
