@@ -54,6 +54,12 @@ def streaming(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def reference(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The run's unoptimized reference row (whole GPU), where it was measured."""
+    return next((x for x in results if x["config"] == "unoptimized" and x["budget_gib"] <= 0
+                 and x.get("status") == "ok"), None)
+
+
 def transformer_storage(r: dict[str, Any]) -> str | None:
     """The storage format a vramkit row's plan gives the transformer's blocks (``None``: as loaded)."""
     for step in (r.get("plan") or {}).get("steps") or ():
@@ -68,8 +74,7 @@ def resident_seconds(results: list[dict[str, Any]], storage: str | None) -> floa
     keeps every transformer block resident in that storage (it streams nothing, so its step is that
     storage's compute, the per-step decode included), or None where the run has no such row."""
     if storage is None:
-        ref = next((x for x in results if x["config"] == "unoptimized" and x["budget_gib"] <= 0
-                    and x.get("status") == "ok"), None)
+        ref = reference(results)
         return ref["seconds_per_step"] if ref is not None else None
     steps = [x["seconds_per_step"] for x in results if x.get("status") == "ok"
              and x.get("transformer_streamed_bytes") == 0 and transformer_storage(x) == storage]
@@ -81,8 +86,7 @@ def floor_seconds(results: list[dict[str, Any]], r: dict[str, Any]) -> float | N
     run, the transformer bytes its plan streams per step / the pinned bandwidth measured in the
     reference run). Where the run has no all-resident row of a re-encoded storage, its compute term is
     the reference's (weights as loaded): a lower bound. None without a reference."""
-    ref = next((x for x in results if x["config"] == "unoptimized" and x["budget_gib"] <= 0
-                and x.get("status") == "ok"), None)
+    ref = reference(results)
     if ref is None or "transformer_streamed_bytes" not in r or not ref.get("pinned_bandwidth"):
         return None
     compute = resident_seconds(results, transformer_storage(r)) or ref["seconds_per_step"]
@@ -153,8 +157,8 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         "| per step vs fastest diffusers built-in (same numerics) | per image, same |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ref = next((r for r in data["results"] if r["config"] == "unoptimized" and r["budget_gib"] <= 0), None)
-    if ref is not None and ref.get("status") == "ok":
+    ref = reference(data["results"])
+    if ref is not None:
         fp8 = resident_seconds(data["results"], "fp8")
         fp8_term = (f"{fp8:.3f} s/step, the fastest fp8 row of this run that keeps every block resident (it "
                     "streams nothing; its per-step fp8 decode included)" if fp8 is not None

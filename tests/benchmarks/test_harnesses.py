@@ -3,6 +3,7 @@ the figures), and the committed results render."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -90,17 +91,17 @@ def test_committed_results_render() -> None:
     assert committed == proc.stdout, "benchmarks/results/TABLES.md is stale: run benchmarks/render_tables.py"
 
 
-def _render_tables():  # noqa: ANN202 (a script's module, imported from its folder)
+def _benchmark_script(name: str):  # type: ignore[no-untyped-def]
+    """A script of benchmarks/ as a module (they import each other from their folder)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import render_tables
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return render_tables
 
 
 def test_a_run_resumed_on_other_machines_says_so() -> None:
-    render_tables = _render_tables()
+    render_tables = _benchmark_script("render_tables")
     env = {"command": "c1"}
     assert render_tables._commands_text({"environment": env}) == "Command: `c1`; "
     one = render_tables._commands_text({"environment": env, "commands": ["c1", "c2"]})
@@ -110,7 +111,7 @@ def test_a_run_resumed_on_other_machines_says_so() -> None:
 
 
 def test_floor_uses_the_resident_step_of_the_rows_storage() -> None:
-    rt = _render_tables()
+    rt = _benchmark_script("render_tables")
 
     def row(config: str, budget: float, step: float, streamed: int, storage: str | None) -> dict:
         plan = {"steps": [{"strategy": "BlockStreaming", "component": "transformer",
@@ -241,22 +242,13 @@ def test_bench_pipeline_weights_cache_round_trips_a_pipeline(tmp_path: Path) -> 
         bench_pipeline.load_weights(tiny_pipeline("flux", seed=1), path)
 
 
-def _bench_pipeline():  # type: ignore[no-untyped-def]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_pipeline
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_pipeline
-
-
 def test_bench_pipeline_forked_child_runs_its_exit_finalizers_not_the_parents(tmp_path: Path) -> None:
     """A forked child exits through os._exit: the finalizers a normal exit runs (vramkit deletes its
     offload files there) must still run for the child's objects, or the next child plans for a
     fuller disk; the parent's own finalizers are not the child's to run."""
     import weakref
 
-    bench_pipeline = _bench_pipeline()
+    bench_pipeline = _benchmark_script("bench_pipeline")
 
     class Held:
         pass
@@ -279,7 +271,7 @@ def test_bench_pipeline_forked_child_runs_its_exit_finalizers_not_the_parents(tm
 def test_bench_pipeline_times_each_budget_of_a_child(tmp_path: Path) -> None:
     import time
 
-    bench_pipeline = _bench_pipeline()
+    bench_pipeline = _benchmark_script("bench_pipeline")
 
     def two_budgets(emit):  # type: ignore[no-untyped-def]
         for budget in (12.0, 8.0):
@@ -316,7 +308,7 @@ def test_bench_pipeline_times_each_budget_of_a_child(tmp_path: Path) -> None:
 
 
 def test_bench_pipeline_rows_file_skips_half_written_and_bad_lines(tmp_path: Path) -> None:
-    bench_pipeline = _bench_pipeline()
+    bench_pipeline = _benchmark_script("bench_pipeline")
     path = tmp_path / "rows"
     path.write_bytes(b'{"a": 1}\nnot json\n{"b": 2}\n{"c": ')
     rows, offset = bench_pipeline._read_rows(str(path), 0)
@@ -327,14 +319,14 @@ def test_bench_pipeline_rows_file_skips_half_written_and_bad_lines(tmp_path: Pat
 
 
 def test_bench_pipeline_sweeps_start_at_the_whole_gpu() -> None:
-    bench_pipeline = _bench_pipeline()
+    bench_pipeline = _benchmark_script("bench_pipeline")
     items = bench_pipeline.plan_items(["diffusers-model-offload", "vramkit"], [8.0, 0.0, 12.0],
                                       {(12.0, "vramkit")}, reference=False)
     assert items == [("diffusers-model-offload", [0.0, 12.0, 8.0]), ("vramkit", [8.0]), ("vramkit", [0.0])]
 
 
 def test_bench_pipeline_an_option_can_carry_its_own_budgets() -> None:
-    bench_pipeline = _bench_pipeline()
+    bench_pipeline = _benchmark_script("bench_pipeline")
     items = bench_pipeline.plan_items(["diffusers-sequential@4", "vramkit", "mmgp@24/4"], [8.0, 4.0],
                                       {(24.0, "mmgp")}, reference=False)
     assert items == [("diffusers-sequential", [4.0]), ("vramkit", [8.0]), ("vramkit", [4.0]), ("mmgp", [4.0])]
@@ -355,7 +347,7 @@ def test_bench_pipeline_supervise_reads_what_a_killed_child_wrote_last(tmp_path:
     """Rows written between the parent's last read and the kill are kept, and the budget they
     started is the one in progress; a child killed between budgets (none running over) is cut, not
     timed out, so --resume runs the rest again."""
-    bench_pipeline = _bench_pipeline()
+    bench_pipeline = _benchmark_script("bench_pipeline")
     rows_path = tmp_path / "rows"
     rows_path.write_text('{"_start": 12.0}\n{"config": "x", "budget_gib": 12.0}\n')
 
