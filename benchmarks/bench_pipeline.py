@@ -59,6 +59,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import argparse
 import atexit
+import contextlib
 import json
 import math
 import platform
@@ -78,7 +79,7 @@ from typing import Any
 
 import psutil
 import torch
-from render_tables import floor_seconds
+from render_tables import below_floor, floor_seconds, slowed
 
 #: The children's intra-op threads (main() keeps this process on one: see there).
 _THREADS = torch.get_num_threads()
@@ -145,6 +146,96 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+#: nvidia-smi's clock-event reasons (the bits of ``clocks_event_reasons.active``) that slow a GPU
+#: that has work: a row measured under one of them is not the GPU's speed.
+_SLOWDOWNS = {0x4: "power cap", 0x8: "hardware slowdown", 0x20: "software thermal slowdown",
+              0x40: "hardware thermal slowdown", 0x80: "power brake"}
+_CLOCK_FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "temperature.gpu", "utilization.gpu")
+
+
+class GpuSampler:
+    """The GPU's SM clock, power, temperature, utilization and clock-event reasons, sampled from
+    nvidia-smi every ``interval`` seconds while a call is measured, so that a row measured on a
+    throttled or shared GPU says so. One-shot queries from a thread, not ``nvidia-smi --loop-ms``:
+    that one's output to a pipe is buffered and lost when it is stopped. Without nvidia-smi (a CPU
+    machine) it records nothing."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self._interval = interval
+        self._query: list[str] | None = None
+        self._lines: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.summary: dict[str, Any] | None = None
+
+    def _sample(self) -> None:
+        assert self._query is not None
+        done = subprocess.run(self._query, capture_output=True, text=True)
+        if done.returncode == 0:
+            self._lines += done.stdout.splitlines()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi") is None:
+            return self
+        for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):  # newer, older drivers
+            query = ["nvidia-smi", f"--query-gpu={','.join((*_CLOCK_FIELDS, reasons))}",
+                     "--format=csv,noheader,nounits", "--id=0"]
+            if subprocess.run(query, capture_output=True).returncode == 0:
+                self._query = query
+                self._thread.start()
+                break
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._query is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._sample()  # the state at the end of the call too
+        self.summary = summarize_gpu_samples("\n".join(self._lines))
+        if self.summary is not None:
+            # Processes computing on the GPU, this one included (1 unless something else shares it;
+            # pids are not compared: in a container nvidia-smi may show the host's).
+            apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader", "--id=0"],
+                                  capture_output=True, text=True).stdout.split()
+            self.summary["gpu_processes"] = len(apps)
+
+
+def summarize_gpu_samples(text: str) -> dict[str, Any] | None:
+    """nvidia-smi's CSV lines (the fields of :class:`GpuSampler`) as a row's ``gpu_state``: SM clock
+    (min and median, and the maximum it could run at), the highest power and temperature, the
+    median utilization, and the slowdown reasons seen in any sample."""
+    samples = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != len(_CLOCK_FIELDS) + 1:
+            continue
+        try:
+            sm, sm_max, power, temp, util = (float(p) for p in parts[:-1])
+            reasons = int(parts[-1], 16)
+        except ValueError:  # "[N/A]" or a line cut by terminate()
+            continue
+        samples.append((sm, sm_max, power, temp, util, reasons))
+    if not samples:
+        return None
+    seen = 0
+    for s in samples:
+        seen |= s[5]
+    return {"samples": len(samples),
+            "sm_clock_mhz_min": min(s[0] for s in samples),
+            "sm_clock_mhz_median": statistics.median(s[0] for s in samples),
+            "sm_clock_mhz_max": max(s[1] for s in samples),
+            "power_w_max": max(s[2] for s in samples),
+            "temperature_c_max": max(s[3] for s in samples),
+            "utilization_pct_median": statistics.median(s[4] for s in samples),
+            "slowdowns": [name for bit, name in _SLOWDOWNS.items() if seen & bit]}
 
 
 def build(tiny: bool) -> Any:
@@ -425,17 +516,23 @@ def measure(pipe: Any, tiny: bool, device: str, row: dict[str, Any]) -> None:
     graphs_before = _graphs_compiled()
     clock = StepClock(device == "cuda")
     difference = None
+    gpu = GpuSampler()
     try:
-        t_hi = call(pipe, ARGS.steps, tiny, clock)
+        with gpu if device == "cuda" else contextlib.nullcontext():
+            t_hi = call(pipe, ARGS.steps, tiny, clock)
     except TypeError as exc:
         if "callback" not in str(exc):
             raise
         # An option whose wrapper does not pass callback_on_step_end on: time it by difference.
         clock = StepClock(device == "cuda")
         t_lo = call(pipe, 2, tiny)
-        t_hi = call(pipe, ARGS.steps, tiny)
+        gpu = GpuSampler()
+        with gpu if device == "cuda" else contextlib.nullcontext():
+            t_hi = call(pipe, ARGS.steps, tiny)
         difference = (t_hi - t_lo) / (ARGS.steps - 2)
         row["seconds_2_steps"] = t_lo
+    if gpu.summary is not None:
+        row["gpu_state"] = gpu.summary
     # Graphs compiled after the warm-up call: 0 unless something recompiles per call or step.
     row["graphs_compiled_while_measuring"] = _graphs_compiled() - graphs_before
     gaps = clock.gaps()
@@ -758,6 +855,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
         floor = floor_seconds(results, r) if ok else None
         lb = f"{floor:.3f}" if floor else ""
         ratio = f"{r['seconds_per_step'] / floor:.2f}" if floor else ""
+        if ok and floor and below_floor(r, floor):
+            ratio += "‡"  # faster than its floor: this row or an input of L(B) was mis-measured
+        if ok and slowed(r):
+            speed += " §"  # the GPU reported a slowdown or another process while it was measured
         print(f"{b:>6} {r['config']:<28} {r.get('status', '?'):<6} "
               f"{r.get('seconds_per_step', float('nan')):>7.3f} {r.get('seconds_per_image_28', float('nan')):>8.2f} "
               f"{r.get('peak_vram_gib', float('nan')):>6.2f} {r.get('peak_host_rss_gib', float('nan')):>6.1f} "
@@ -768,8 +869,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
 _FINAL = ("ok", "OOM", "timeout")
 
 
-def resumed(path: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows and commands of an earlier run to continue; refuses a file from another GPU or size."""
+def resumed(path: str) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """The rows, commands and superseded rows of an earlier run to continue; refuses a file from
+    another GPU or size."""
     with open(path) as f:
         data = json.load(f)
     env = environment()
@@ -786,13 +888,37 @@ def resumed(path: str) -> tuple[list[dict[str, Any]], list[str]]:
         raise SystemExit(f"--resume {path}: its rows were timed by the difference of two calls (before "
                          "2026-12-06); rows timed from step events must not be mixed with them. Start a new file.")
     commands = list(data.get("commands") or [data["environment"]["command"]])
-    return list(data["results"]), commands
+    return list(data["results"]), commands, list(data.get("superseded") or [])
 
 
-def write_payload(path: str, results: list[dict[str, Any]], commands: list[str]) -> None:
+def measure_again(results: list[dict[str, Any]], entries: list[str], call: int,
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``--again``: split a resumed run's rows into those kept and those to measure again (each
+    entry NAME or NAME@B1/B2; without budgets, every row of NAME). The latter are marked with the
+    1-based index of the call that replaces them (``superseded_by_command``) and kept by the caller
+    under "superseded": a re-measured row never erases the one it replaces."""
+    again: set[tuple[float, str]] = set()
+    for entry in entries:
+        name, own = split_config(entry)
+        if name not in CONFIGS:
+            raise SystemExit(f"--again {entry}: unknown option; known: {', '.join(CONFIGS)}")
+        hits = {(r["budget_gib"], name) for r in results
+                if r["config"] == name and (own is None or r["budget_gib"] in own)}
+        if not hits:
+            raise SystemExit(f"--again {entry}: the resumed file has no such row to measure again")
+        again |= hits
+    kept = [r for r in results if (r["budget_gib"], r["config"]) not in again]
+    replaced = [dict(r, superseded_by_command=call) for r in results if (r["budget_gib"], r["config"]) in again]
+    return kept, replaced
+
+
+def write_payload(path: str, results: list[dict[str, Any]], commands: list[str],
+                  superseded: list[dict[str, Any]] | None = None) -> None:
     env = environment()
     payload = {"environment": env, "size": ARGS.size, "results": results,
                "commands": [*commands, env["command"]]}
+    if superseded:
+        payload["superseded"] = superseded
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
 
@@ -850,6 +976,10 @@ def main() -> None:
                    help="continue a run: keep that file's rows, skip the configurations it already measured "
                         "(ok, OOM or timeout; the reference too), append the rest (one run spread over several "
                         "calls on the same GPU; a file from another GPU is refused)")
+    p.add_argument("--again", metavar="ENTRIES",
+                   help="with --resume: measure these rows again (comma-separated NAME or NAME@B1/B2; "
+                        "'unoptimized' is the reference), e.g. rows a throttled or shared GPU slowed; the rows "
+                        "they replace move to the file's 'superseded' list, marked with this call's index")
     p.add_argument("--deadline", type=float, metavar="SECONDS",
                    help="start no configuration later than a minute before this many seconds from the start "
                         "and cut any that runs past it (what it had not measured is recorded as 'cut' and runs "
@@ -889,19 +1019,32 @@ def main() -> None:
     torch.set_num_threads(1)
     results: list[dict[str, Any]] = []
     commands: list[str] = []
+    superseded: list[dict[str, Any]] = []
     out_dir = os.environ.get("OUT", "out")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"pipeline_{ARGS.size}{'_tiny' if ARGS.tiny else ''}.json")
     if ARGS.resume:
         if not os.path.exists(ARGS.resume):
             raise SystemExit(f"--resume {ARGS.resume}: no such file (a mistyped path would silently start over).")
-        results, commands = resumed(ARGS.resume)
+        results, commands, superseded = resumed(ARGS.resume)
     budgets = [float(b) for b in ARGS.budgets.split(",")]
-    done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL}
     configs = list(SUITE) if ARGS.configs == "suite" else ARGS.configs.split(",")
     unknown = [c for c in configs if split_config(c)[0] not in CONFIGS]
     if unknown:
         raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)} (or 'suite')")
+    this_call = len(commands) + 1  # this call's 1-based index in the file's commands
+    if ARGS.again:
+        if not ARGS.resume:
+            raise SystemExit("--again measures rows of a resumed run again: give the file with --resume")
+        entries = ARGS.again.split(",")
+        if "unoptimized" in (split_config(e)[0] for e in entries) and not ARGS.reference:
+            raise SystemExit("--again unoptimized measures the reference again: drop --no-reference")
+        results, replaced = measure_again(results, entries, this_call)
+        superseded += replaced
+        # What is measured again runs even where --configs does not name it (the reference runs first).
+        listed = {split_config(c)[0] for c in configs}
+        configs += [e for e in entries if split_config(e)[0] not in listed | {"unoptimized"}]
+    done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL}
     items = plan_items(configs, budgets, done, ARGS.reference)
     if ARGS.resume:
         log(f"resuming {ARGS.resume}: {len(done)} row(s) already measured, {sum(len(b) for _, b in items)} to go")
@@ -951,6 +1094,7 @@ def main() -> None:
         wall = time.perf_counter() - t_item
         for row in rows:
             row["child_wall_seconds"] = wall
+            row["measured_by_command"] = this_call
         measured = {r["budget_gib"] for r in rows}
         # The budget in progress when the child ended; budgets after it never started.
         stopped_at = current if current is not None else next((b for b in item_budgets if b not in measured), None)
@@ -977,8 +1121,8 @@ def main() -> None:
             log(f"  {row['budget_gib']:g} GiB -> {row.get('status')} {row.get('seconds_per_step', '')}")
         log(f"  ({wall:.0f} s)")
         # Written after every child: a run cut short still leaves what it measured.
-        write_payload(path, results, commands)
-    write_payload(path, results, commands)  # also when the deadline or --resume left nothing to run
+        write_payload(path, results, commands, superseded)
+    write_payload(path, results, commands, superseded)  # also when the deadline or --resume left nothing to run
     print_table(results)
     print(f"wrote {path}")
 

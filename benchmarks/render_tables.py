@@ -98,6 +98,20 @@ def floor_seconds(results: list[dict[str, Any]], r: dict[str, Any]) -> float | N
 _BUILTINS = ("diffusers-leaf", "diffusers-block", "diffusers-model-offload", "diffusers-sequential")
 
 
+def below_floor(r: dict[str, Any], floor: float | None) -> bool:
+    """Whether a row ran more than 5% faster than its L(B): no row can beat the floor, so the row or
+    an input of L(B) measured in the same run (the reference step, the compute term, the bandwidth)
+    was mis-measured."""
+    return bool(floor) and r["seconds_per_step"] < 0.95 * floor  # type: ignore[operator]
+
+
+def slowed(r: dict[str, Any]) -> bool:
+    """Whether the GPU was slowed while the row was measured (its ``gpu_state``, sampled by
+    bench_pipeline.py from nvidia-smi): a slowdown reason, or another process computing on it."""
+    state = r.get("gpu_state") or {}
+    return bool(state.get("slowdowns")) or state.get("gpu_processes", 1) > 1
+
+
 def _builtin(config: str) -> bool:
     return config.startswith(_BUILTINS)
 
@@ -170,6 +184,13 @@ def pipeline(data: dict[str, Any]) -> list[str]:
             f"fp8 the compute term is {fp8_term}. Budget 0 = the whole GPU.",
             "",
         ]
+    flagged = [r for r in data["results"] if r.get("status") == "ok" and r.get("seconds_per_step", 0) > 0
+               and (slowed(r) or below_floor(r, floor_seconds(data["results"], r)))]
+    if flagged:
+        out.insert(4, "Rows marked § were measured while nvidia-smi reported a slowdown (power cap, thermal or "
+                   "hardware) or another process on the GPU; ratios marked ‡ are below 0.95: no row can run faster "
+                   "than its floor, so the row or an input of L(B) measured in the same run (the reference step, "
+                   "the fp8 compute term, the bandwidth) was mis-measured: not a speed to read.\n")
     # Like with like: lossless rows against diffusers' lossless options, fp8 rows against its fp8 ones.
     best_step: dict[tuple[float, bool], float] = {}
     best_image: dict[tuple[float, bool], float] = {}
@@ -231,8 +252,10 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         image_x = f"{best_image[key] / r['seconds_per_image_28']:.2f}x" if key in best_image else ""
         floor = floor_seconds(data["results"], r)
         lb, ratio = (f"{floor:.3f}", f"{r['seconds_per_step'] / floor:.2f}") if floor else ("", "")
+        if floor and below_floor(r, floor):
+            ratio += " ‡"
         label = r["config"] + (" †" if timed_by_events and r.get("step_timing") != "step events" else "") + (
-            " ◦" if r.get("harness") == "sweep" else "")
+            " ◦" if r.get("harness") == "sweep" else "") + (" §" if slowed(r) else "")
         out.append(
             f"| {b:g} | {label} | {r['seconds_per_step']:.3f} | {r['seconds_per_image_28']:.1f} | "
             f"{r.get('peak_vram_gib', float('nan')):.2f} | {r['peak_host_rss_gib']:.1f} | {pf} | {ps} | {pp} | {pa} "

@@ -9,6 +9,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,93 @@ def test_bench_pipeline_supervise_reads_what_a_killed_child_wrote_last(tmp_path:
     rows, outcome, current, status = bench_pipeline.supervise(lambda: None, kill, str(rows_path), -1.0, None)
     assert [r["budget_gib"] for r in rows] == [12.0, 12.5] and current == 8.0
     assert outcome == "cut" and status is None and not rows_path.exists()
+
+
+def test_bench_pipeline_gpu_samples_name_the_slowdowns_seen() -> None:
+    bench_pipeline = _benchmark_script("bench_pipeline")
+    text = ("1980, 1980, 300.5, 45, 99, 0x0000000000000000\n"
+            "1410, 1980, 700.0, 83, 100, 0x0000000000000024\n"  # power cap + software thermal slowdown
+            "[N/A], 1980, 1, 1, 1, 0x0\n"  # a field the driver could not read: skipped
+            "1755, 1980\n")  # a cut line: skipped
+    state = bench_pipeline.summarize_gpu_samples(text)
+    assert state == {"samples": 2, "sm_clock_mhz_min": 1410.0, "sm_clock_mhz_median": 1695.0,
+                     "sm_clock_mhz_max": 1980.0, "power_w_max": 700.0, "temperature_c_max": 83.0,
+                     "utilization_pct_median": 99.5, "slowdowns": ["power cap", "software thermal slowdown"]}
+    assert bench_pipeline.summarize_gpu_samples("") is None
+    # Idle (0x1) is not a slowdown of a GPU that has work.
+    assert bench_pipeline.summarize_gpu_samples("1980, 1980, 80, 30, 0, 0x1")["slowdowns"] == []
+
+
+def test_bench_pipeline_gpu_sampler_reads_nvidia_smi_while_a_call_runs(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    bench_pipeline = _benchmark_script("bench_pipeline")
+    # Without nvidia-smi (this machine) nothing is recorded.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with bench_pipeline.GpuSampler() as none:
+        pass
+    assert none.summary is None
+    # A stand-in nvidia-smi that knows only the older field name, as older drivers do.
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n"
+                    'case "$*" in\n'
+                    "  *clocks_event_reasons*) exit 6;;\n"
+                    "  *compute-apps*) echo 101; echo 202;;\n"
+                    "  *) echo '1500, 1980, 650.0, 70, 100, 0x0000000000000004';;\n"
+                    "esac\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/bin:/usr/bin")
+    with bench_pipeline.GpuSampler(interval=0.01) as sampler:
+        time.sleep(0.2)
+    state = sampler.summary
+    assert state is not None and state["samples"] >= 2
+    assert state["sm_clock_mhz_min"] == 1500.0 and state["slowdowns"] == ["power cap"]
+    assert state["gpu_processes"] == 2  # another process computed on the GPU meanwhile
+
+
+def test_tables_flag_rows_faster_than_their_floor_or_measured_on_a_slowed_gpu() -> None:
+    rt = _benchmark_script("render_tables")
+    ref = {"config": "unoptimized", "budget_gib": 0.0, "status": "ok", "seconds_per_step": 0.098,
+           "seconds_per_image_28": 2.8, "pinned_bandwidth": 55e9, "peak_vram_gib": 32.0, "peak_host_rss_gib": 32.0}
+    plan = {"steps": [{"strategy": "BlockStreaming", "component": "transformer", "config": {"storage": None}}]}
+    fast = {"config": "vramkit", "budget_gib": 24.0, "status": "ok", "seconds_per_step": 0.071,
+            "seconds_per_image_28": 2.2, "transformer_streamed_bytes": 2_450_000_000, "plan": plan,
+            "peak_vram_gib": 21.8, "peak_host_rss_gib": 32.1}
+    assert rt.below_floor(fast, rt.floor_seconds([ref, fast], fast))  # 0.071 s against a 0.098 s floor
+    assert not rt.below_floor(dict(fast, seconds_per_step=0.095), 0.098)  # within 5%: noise, not flagged
+    assert not rt.slowed(fast) and not rt.slowed(dict(fast, gpu_state={"slowdowns": [], "gpu_processes": 1}))
+    assert rt.slowed(dict(fast, gpu_state={"slowdowns": ["power cap"], "gpu_processes": 1}))
+    assert rt.slowed(dict(fast, gpu_state={"slowdowns": [], "gpu_processes": 2}))
+    env = {"device": "GPU", "torch": "t", "diffusers": "d", "command": "c"}
+    table = "\n".join(rt.pipeline({"environment": env, "size": 512, "results": [ref, fast]}))
+    assert "| 0.72 ‡ |" in table and "ratios marked ‡ are below 0.95" in table
+    slowed_ref = dict(ref, gpu_state={"slowdowns": ["hardware slowdown"], "gpu_processes": 1})
+    table = "\n".join(rt.pipeline({"environment": env, "size": 512,
+                                   "results": [slowed_ref, dict(fast, seconds_per_step=0.1)]}))
+    assert "| 0 | unoptimized § |" in table and "Rows marked §" in table
+    assert table.splitlines()[-1].endswith("| 0.098 | 1.02 |  |  |")  # no longer below its floor: no ‡
+
+
+def test_bench_pipeline_measures_rows_again_and_keeps_the_rows_they_replace(tmp_path: Path) -> None:
+    base = ["benchmarks/bench_pipeline.py", "--tiny", "--budgets", "8", "--steps", "3", "--no-reference"]
+    proc = _run([*base, "--configs", "vramkit,diffusers-leaf-stream"], tmp_path / "first")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    earlier = tmp_path / "first" / "pipeline_1024_tiny.json"
+    first = json.loads(earlier.read_text())["results"]
+    assert [r["measured_by_command"] for r in first] == [1, 1]
+    # vramkit again (it need not be in --configs): measured by call 2, the old row kept as superseded.
+    proc = _run([*base, "--configs", "diffusers-leaf-stream", "--resume", str(earlier), "--again", "vramkit@8"],
+                tmp_path / "second")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "second" / "pipeline_1024_tiny.json").read_text())
+    assert [(r["config"], r["measured_by_command"]) for r in data["results"]] == [
+        ("diffusers-leaf-stream", 1), ("vramkit", 2)]
+    assert data["results"][1]["status"] == "ok"
+    (old,) = data["superseded"]
+    assert old["config"] == "vramkit" and old["superseded_by_command"] == 2
+    assert old["seconds_per_step"] == first[0]["seconds_per_step"]
+    # A row the file does not hold, an unknown option, or --again without --resume: clear errors.
+    for args, message in ((["--resume", str(earlier), "--again", "vramkit@12"], "no such row"),
+                          (["--resume", str(earlier), "--again", "vramkit-xl"], "unknown option"),
+                          (["--again", "vramkit"], "give the file with --resume")):
+        proc = _run([*base, "--configs", "vramkit", *args], tmp_path / "bad")
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-500:]
