@@ -940,13 +940,17 @@ def plan_items(configs: list[str], budgets: list[float], done: set[tuple[float, 
                reference: bool) -> list[tuple[str, list[float]]]:
     """What to run, in order, as (config, budgets) per child: the reference first, then each config in
     the given order (a sweep config in one child, its budgets from the largest down; any other one
-    child per budget), without what ``done`` already holds."""
+    child per budget), without what ``done`` already holds or an earlier entry named (entries may
+    overlap: ``--again`` adds its own)."""
     items: list[tuple[str, list[float]]] = []
+    planned = set(done)
     if reference and (0.0, "unoptimized") not in done:
         items.append(("unoptimized", [0.0]))
+        planned.add((0.0, "unoptimized"))
     for entry in configs:
         config, own = split_config(entry)
-        todo = [b for b in (budgets if own is None else own) if (b, config) not in done]
+        todo = list(dict.fromkeys(b for b in (budgets if own is None else own) if (b, config) not in planned))
+        planned.update((b, config) for b in todo)
         if config in SWEEP_CONFIGS:
             if todo:
                 # From the largest down; budget 0 is the whole GPU, the largest of all.
@@ -1041,9 +1045,9 @@ def main() -> None:
             raise SystemExit("--again unoptimized measures the reference again: drop --no-reference")
         results, replaced = measure_again(results, entries, this_call)
         superseded += replaced
-        # What is measured again runs even where --configs does not name it (the reference runs first).
-        listed = {split_config(c)[0] for c in configs}
-        configs += [e for e in entries if split_config(e)[0] not in listed | {"unoptimized"}]
+        # What is measured again runs even where --configs does not name it (plan_items drops what
+        # both name; the reference runs first anyway).
+        configs += [e for e in entries if split_config(e)[0] != "unoptimized"]
     done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL}
     items = plan_items(configs, budgets, done, ARGS.reference)
     if ARGS.resume:

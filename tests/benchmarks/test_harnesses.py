@@ -331,6 +331,10 @@ def test_bench_pipeline_an_option_can_carry_its_own_budgets() -> None:
     items = bench_pipeline.plan_items(["diffusers-sequential@4", "vramkit", "mmgp@24/4"], [8.0, 4.0],
                                       {(24.0, "mmgp")}, reference=False)
     assert items == [("diffusers-sequential", [4.0]), ("vramkit", [8.0]), ("vramkit", [4.0]), ("mmgp", [4.0])]
+    # Overlapping entries (--again adds its own): each (budget, option) once, where first named.
+    items = bench_pipeline.plan_items(["vramkit@8", "mmgp", "vramkit@12/8", "mmgp@4"], [8.0, 4.0], set(),
+                                      reference=True)
+    assert items == [("unoptimized", [0.0]), ("vramkit", [8.0]), ("mmgp", [8.0, 4.0]), ("vramkit", [12.0])]
     with pytest.raises(SystemExit, match="diffusers-sequential@4/x"):
         bench_pipeline.split_config("diffusers-sequential@4/x")
     with pytest.raises(SystemExit, match="budgets after '@'"):
