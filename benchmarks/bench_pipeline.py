@@ -148,33 +148,55 @@ class RssSampler:
         self._thread.join()
 
 
-#: nvidia-smi's clock-event reasons (the bits of ``clocks_event_reasons.active``) that slow a GPU
-#: that has work: a row measured under one of them is not the GPU's speed.
+#: nvidia-smi's clock-event reasons (the bits of ``clocks_event_reasons.active``) that can slow a GPU
+#: that has work. The power cap is often active at full load without slowing it much, so a row
+#: counts as slowed by it only where the median SM clock also fell (see render_tables.slowed).
 _SLOWDOWNS = {0x4: "power cap", 0x8: "hardware slowdown", 0x20: "software thermal slowdown",
               0x40: "hardware thermal slowdown", 0x80: "power brake"}
 _CLOCK_FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "temperature.gpu", "utilization.gpu")
+#: Seconds an nvidia-smi query may take: a driver in trouble can hang it, and monitoring must never
+#: hold up or fail a measurement.
+_SMI_TIMEOUT = 5.0
+
+
+def _smi(args: list[str]) -> str | None:
+    """nvidia-smi's output for ``args`` about the GPU this process computes on (CUDA device 0: the
+    first of CUDA_VISIBLE_DEVICES where set, an index or a UUID, both of which nvidia-smi takes), or
+    None where it failed, hung or is missing."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    try:
+        done = subprocess.run(["nvidia-smi", *args, f"--id={visible or 0}"], capture_output=True, text=True,
+                              timeout=_SMI_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
 
 
 class GpuSampler:
-    """The GPU's SM clock, power, temperature, utilization and clock-event reasons, sampled from
-    nvidia-smi every ``interval`` seconds while a call is measured, so that a row measured on a
-    throttled or shared GPU says so. One-shot queries from a thread, not ``nvidia-smi --loop-ms``:
-    that one's output to a pipe is buffered and lost when it is stopped. Without nvidia-smi (a CPU
-    machine) it records nothing."""
+    """The GPU's SM clock, power, temperature, utilization, clock-event reasons and the processes
+    computing on it, sampled from nvidia-smi every ``interval`` seconds while a call is measured, so
+    that a row measured on a throttled or shared GPU says so. One-shot queries from a thread, not
+    ``nvidia-smi --loop-ms``: that one's output to a pipe is buffered and lost when it is stopped.
+    Without nvidia-smi (a CPU machine), or where it fails, it records nothing; it never fails the
+    measurement."""
 
     def __init__(self, interval: float = 0.25) -> None:
         self._interval = interval
-        self._query: list[str] | None = None
+        self._fields: str | None = None
         self._lines: list[str] = []
+        self._processes: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.summary: dict[str, Any] | None = None
 
     def _sample(self) -> None:
-        assert self._query is not None
-        done = subprocess.run(self._query, capture_output=True, text=True)
-        if done.returncode == 0:
-            self._lines += done.stdout.splitlines()
+        assert self._fields is not None
+        out = _smi([f"--query-gpu={self._fields}", "--format=csv,noheader,nounits"])
+        if out is not None:
+            self._lines += out.splitlines()
+        apps = _smi(["--query-compute-apps=pid", "--format=csv,noheader"])
+        if apps is not None:
+            self._processes.append(sum(1 for line in apps.splitlines() if line.strip().isdigit()))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -185,57 +207,67 @@ class GpuSampler:
         if shutil.which("nvidia-smi") is None:
             return self
         for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):  # newer, older drivers
-            query = ["nvidia-smi", f"--query-gpu={','.join((*_CLOCK_FIELDS, reasons))}",
-                     "--format=csv,noheader,nounits", "--id=0"]
-            if subprocess.run(query, capture_output=True).returncode == 0:
-                self._query = query
+            fields = ",".join((*_CLOCK_FIELDS, reasons))
+            if _smi([f"--query-gpu={fields}", "--format=csv,noheader,nounits"]) is not None:
+                self._fields = fields
                 self._thread.start()
                 break
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._query is None:
+        if self._fields is None:
             return
         self._stop.set()
         self._thread.join()
         self._sample()  # the state at the end of the call too
         self.summary = summarize_gpu_samples("\n".join(self._lines))
-        if self.summary is not None:
-            # Processes computing on the GPU, this one included (1 unless something else shares it;
-            # pids are not compared: in a container nvidia-smi may show the host's).
-            apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader", "--id=0"],
-                                  capture_output=True, text=True).stdout.split()
-            self.summary["gpu_processes"] = len(apps)
+        if self.summary is not None and self._processes:
+            # Processes computing on the GPU, this one included (1 unless something else shared it
+            # at some sample; pids are not compared: in a container nvidia-smi may show the host's).
+            self.summary["gpu_processes"] = max(self._processes)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:  # "[N/A]", "[Not Supported]"
+        return None
 
 
 def summarize_gpu_samples(text: str) -> dict[str, Any] | None:
     """nvidia-smi's CSV lines (the fields of :class:`GpuSampler`) as a row's ``gpu_state``: SM clock
     (min and median, and the maximum it could run at), the highest power and temperature, the
-    median utilization, and the slowdown reasons seen in any sample."""
-    samples = []
+    median utilization (each over the samples that could read it: a field a GPU does not report
+    leaves the others), and each slowdown reason with the share of samples it was active in."""
+    samples: list[tuple[list[float | None], int | None]] = []
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) != len(_CLOCK_FIELDS) + 1:
-            continue
+            continue  # a cut or foreign line
+        values = [_number(p) for p in parts[:-1]]
         try:
-            sm, sm_max, power, temp, util = (float(p) for p in parts[:-1])
-            reasons = int(parts[-1], 16)
-        except ValueError:  # "[N/A]" or a line cut by terminate()
-            continue
-        samples.append((sm, sm_max, power, temp, util, reasons))
+            reasons: int | None = int(parts[-1], 16)
+        except ValueError:
+            reasons = None
+        if any(v is not None for v in values) or reasons is not None:
+            samples.append((values, reasons))
     if not samples:
         return None
-    seen = 0
-    for s in samples:
-        seen |= s[5]
-    return {"samples": len(samples),
-            "sm_clock_mhz_min": min(s[0] for s in samples),
-            "sm_clock_mhz_median": statistics.median(s[0] for s in samples),
-            "sm_clock_mhz_max": max(s[1] for s in samples),
-            "power_w_max": max(s[2] for s in samples),
-            "temperature_c_max": max(s[3] for s in samples),
-            "utilization_pct_median": statistics.median(s[4] for s in samples),
-            "slowdowns": [name for bit, name in _SLOWDOWNS.items() if seen & bit]}
+
+    def column(i: int) -> list[float]:
+        return [v[i] for v, _ in samples if v[i] is not None]  # type: ignore[misc]
+
+    summary: dict[str, Any] = {"samples": len(samples)}
+    for key, i, how in (("sm_clock_mhz_min", 0, min), ("sm_clock_mhz_median", 0, statistics.median),
+                        ("sm_clock_mhz_max", 1, max), ("power_w_max", 2, max), ("temperature_c_max", 3, max),
+                        ("utilization_pct_median", 4, statistics.median)):
+        values = column(i)
+        if values:
+            summary[key] = how(values)
+    masks = [r for _, r in samples if r is not None]
+    summary["slowdowns"] = {name: round(sum(1 for m in masks if m & bit) / len(masks), 3)
+                            for bit, name in _SLOWDOWNS.items() if any(m & bit for m in masks)}
+    return summary
 
 
 def build(tiny: bool) -> Any:
@@ -891,25 +923,27 @@ def resumed(path: str) -> tuple[list[dict[str, Any]], list[str], list[dict[str, 
     return list(data["results"]), commands, list(data.get("superseded") or [])
 
 
-def measure_again(results: list[dict[str, Any]], entries: list[str], call: int,
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``--again``: split a resumed run's rows into those kept and those to measure again (each
-    entry NAME or NAME@B1/B2; without budgets, every row of NAME). The latter are marked with the
-    1-based index of the call that replaces them (``superseded_by_command``) and kept by the caller
-    under "superseded": a re-measured row never erases the one it replaces."""
+def measure_again(results: list[dict[str, Any]], entries: list[str]) -> tuple[set[tuple[float, str]], list[str]]:
+    """``--again``: the (budget, option) rows of a resumed run to measure again, each entry NAME or
+    NAME@B1/B2 (without budgets, every row of NAME), and the --configs entries that measure exactly
+    those (the reference, 'unoptimized', runs first anyway). Every row named must be in the file."""
     again: set[tuple[float, str]] = set()
+    extra: list[str] = []
     for entry in entries:
         name, own = split_config(entry)
         if name not in CONFIGS:
             raise SystemExit(f"--again {entry}: unknown option; known: {', '.join(CONFIGS)}")
-        hits = {(r["budget_gib"], name) for r in results
-                if r["config"] == name and (own is None or r["budget_gib"] in own)}
-        if not hits:
-            raise SystemExit(f"--again {entry}: the resumed file has no such row to measure again")
-        again |= hits
-    kept = [r for r in results if (r["budget_gib"], r["config"]) not in again]
-    replaced = [dict(r, superseded_by_command=call) for r in results if (r["budget_gib"], r["config"]) in again]
-    return kept, replaced
+        held = list(dict.fromkeys(r["budget_gib"] for r in results if r["config"] == name))  # file order
+        missing = [b for b in own or () if b not in held]
+        if not held or missing:
+            raise SystemExit(f"--again {entry}: the resumed file has no such row to measure again"
+                             + (f" at {', '.join(f'{b:g}' for b in missing)} GiB" if held else "")
+                             + (f" (it has {name} at {', '.join(f'{b:g}' for b in held)} GiB)" if held else ""))
+        budgets = own or held
+        again |= {(b, name) for b in budgets}
+        if name != "unoptimized":
+            extra.append(f"{name}@{'/'.join(f'{b:g}' for b in budgets)}")
+    return again, extra
 
 
 def write_payload(path: str, results: list[dict[str, Any]], commands: list[str],
@@ -1037,24 +1071,26 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)} (or 'suite')")
     this_call = len(commands) + 1  # this call's 1-based index in the file's commands
+    again: set[tuple[float, str]] = set()
     if ARGS.again:
         if not ARGS.resume:
             raise SystemExit("--again measures rows of a resumed run again: give the file with --resume")
         entries = ARGS.again.split(",")
         if "unoptimized" in (split_config(e)[0] for e in entries) and not ARGS.reference:
             raise SystemExit("--again unoptimized measures the reference again: drop --no-reference")
-        results, replaced = measure_again(results, entries, this_call)
-        superseded += replaced
+        again, extra = measure_again(results, entries)
         # What is measured again runs even where --configs does not name it (plan_items drops what
-        # both name; the reference runs first anyway).
-        configs += [e for e in entries if split_config(e)[0] != "unoptimized"]
-    done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL}
+        # both name).
+        configs += extra
+    done = {(r["budget_gib"], r["config"]) for r in results if r.get("status") in _FINAL} - again
     items = plan_items(configs, budgets, done, ARGS.reference)
     if ARGS.resume:
         log(f"resuming {ARGS.resume}: {len(done)} row(s) already measured, {sum(len(b) for _, b in items)} to go")
-    # A crashed or cut row of a configuration that runs again is replaced, not kept beside it.
+    # A crashed or cut row of a configuration that runs again is replaced, not kept beside it. A
+    # final row named by --again stays until its new measurement is final too (a deadline or a
+    # crash may come first).
     to_run = {(b, c) for c, bs in items for b in bs}
-    results = [r for r in results if (r["budget_gib"], r["config"]) not in to_run]
+    results = [r for r in results if (r["budget_gib"], r["config"]) not in to_run - again]
     # Not under $OUT: the device tool brings back only a few files, and a folder of logs there once
     # cost a call its results.
     log_dir = ARGS.log_dir or tempfile.mkdtemp(prefix="bench_pipeline_logs_")
@@ -1120,7 +1156,17 @@ def main() -> None:
                 row.update(status="crashed", error=f"child {how}: " + (
                     _log_tail(log_path) if b == stopped_at else f"not run after it crashed at {stopped_at:g} GiB"))
             rows.append(row)
-        results += rows
+        for row in rows:
+            key = (row["budget_gib"], row["config"])
+            earlier = next((r for r in results if (r["budget_gib"], r["config"]) == key), None)
+            if earlier is not None and row.get("status") not in _FINAL:
+                log(f"  {key[0]:g} GiB {key[1]}: not measured again ({row.get('status')}); the earlier row stays")
+                continue
+            if earlier is not None:
+                # Measured again: the row it replaces stays in the file, marked with this call.
+                results.remove(earlier)
+                superseded.append(dict(earlier, superseded_by_command=this_call))
+            results.append(row)
         for row in rows:
             log(f"  {row['budget_gib']:g} GiB -> {row.get('status')} {row.get('seconds_per_step', '')}")
         log(f"  ({wall:.0f} s)")

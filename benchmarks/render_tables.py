@@ -107,9 +107,15 @@ def below_floor(r: dict[str, Any], floor: float | None) -> bool:
 
 def slowed(r: dict[str, Any]) -> bool:
     """Whether the GPU was slowed while the row was measured (its ``gpu_state``, sampled by
-    bench_pipeline.py from nvidia-smi): a slowdown reason, or another process computing on it."""
+    bench_pipeline.py from nvidia-smi): a thermal or hardware slowdown or a power brake; the power
+    cap where the median SM clock also fell below 90% of its maximum (at full load the cap is often
+    active without slowing the GPU much); or another process computing on it."""
     state = r.get("gpu_state") or {}
-    return bool(state.get("slowdowns")) or state.get("gpu_processes", 1) > 1
+    reasons = state.get("slowdowns") or {}
+    median, top = state.get("sm_clock_mhz_median"), state.get("sm_clock_mhz_max")
+    clock_fell = median is not None and top is not None and median < 0.9 * top
+    return (any(name != "power cap" for name in reasons) or ("power cap" in reasons and clock_fell)
+            or state.get("gpu_processes", 1) > 1)
 
 
 def _builtin(config: str) -> bool:
@@ -187,10 +193,11 @@ def pipeline(data: dict[str, Any]) -> list[str]:
     flagged = [r for r in data["results"] if r.get("status") == "ok" and r.get("seconds_per_step", 0) > 0
                and (slowed(r) or below_floor(r, floor_seconds(data["results"], r)))]
     if flagged:
-        out.insert(4, "Rows marked § were measured while nvidia-smi reported a slowdown (power cap, thermal or "
-                   "hardware) or another process on the GPU; ratios marked ‡ are below 0.95: no row can run faster "
-                   "than its floor, so the row or an input of L(B) measured in the same run (the reference step, "
-                   "the fp8 compute term, the bandwidth) was mis-measured: not a speed to read.\n")
+        out.insert(4, "Rows marked § were measured while nvidia-smi reported a thermal or hardware slowdown, a "
+                   "power cap with the median SM clock below 90% of its maximum, or another process on the GPU; "
+                   "ratios marked ‡ are below 0.95: no row can run faster than its floor, so the row or an input "
+                   "of L(B) measured in the same run (the reference step, the fp8 compute term, the bandwidth) "
+                   "was mis-measured: not a speed to read.\n")
     # Like with like: lossless rows against diffusers' lossless options, fp8 rows against its fp8 ones.
     best_step: dict[tuple[float, bool], float] = {}
     best_image: dict[tuple[float, bool], float] = {}

@@ -369,15 +369,30 @@ def test_bench_pipeline_gpu_samples_name_the_slowdowns_seen() -> None:
     bench_pipeline = _benchmark_script("bench_pipeline")
     text = ("1980, 1980, 300.5, 45, 99, 0x0000000000000000\n"
             "1410, 1980, 700.0, 83, 100, 0x0000000000000024\n"  # power cap + software thermal slowdown
-            "[N/A], 1980, 1, 1, 1, 0x0\n"  # a field the driver could not read: skipped
+            "1755, 1980, [N/A], 60, 98, [N/A]\n"  # fields the driver could not read: the others count
             "1755, 1980\n")  # a cut line: skipped
     state = bench_pipeline.summarize_gpu_samples(text)
-    assert state == {"samples": 2, "sm_clock_mhz_min": 1410.0, "sm_clock_mhz_median": 1695.0,
+    assert state == {"samples": 3, "sm_clock_mhz_min": 1410.0, "sm_clock_mhz_median": 1755.0,
                      "sm_clock_mhz_max": 1980.0, "power_w_max": 700.0, "temperature_c_max": 83.0,
-                     "utilization_pct_median": 99.5, "slowdowns": ["power cap", "software thermal slowdown"]}
+                     "utilization_pct_median": 99.0,
+                     "slowdowns": {"power cap": 0.5, "software thermal slowdown": 0.5}}
     assert bench_pipeline.summarize_gpu_samples("") is None
+    assert bench_pipeline.summarize_gpu_samples("[N/A], [N/A], [N/A], [N/A], [N/A], [N/A]") is None
     # Idle (0x1) is not a slowdown of a GPU that has work.
-    assert bench_pipeline.summarize_gpu_samples("1980, 1980, 80, 30, 0, 0x1")["slowdowns"] == []
+    assert bench_pipeline.summarize_gpu_samples("1980, 1980, 80, 30, 0, 0x1")["slowdowns"] == {}
+
+
+def _fake_nvidia_smi(folder: Path, apps: str) -> None:
+    """A stand-in nvidia-smi on PATH that knows only the older field name, as older drivers do, and
+    answers the compute-apps query with the shell code ``apps``."""
+    fake = folder / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n"
+                    'case "$*" in\n'
+                    "  *clocks_event_reasons*) exit 6;;\n"
+                    f"  *compute-apps*) {apps};;\n"
+                    "  *) echo '1500, 1980, 650.0, 70, 100, 0x0000000000000004';;\n"
+                    "esac\n")
+    fake.chmod(0o755)
 
 
 def test_bench_pipeline_gpu_sampler_reads_nvidia_smi_while_a_call_runs(tmp_path: Path,
@@ -388,22 +403,25 @@ def test_bench_pipeline_gpu_sampler_reads_nvidia_smi_while_a_call_runs(tmp_path:
     with bench_pipeline.GpuSampler() as none:
         pass
     assert none.summary is None
-    # A stand-in nvidia-smi that knows only the older field name, as older drivers do.
-    fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\n"
-                    'case "$*" in\n'
-                    "  *clocks_event_reasons*) exit 6;;\n"
-                    "  *compute-apps*) echo 101; echo 202;;\n"
-                    "  *) echo '1500, 1980, 650.0, 70, 100, 0x0000000000000004';;\n"
-                    "esac\n")
-    fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/bin:/usr/bin")
+    _fake_nvidia_smi(tmp_path, "echo 101; echo 202")
     with bench_pipeline.GpuSampler(interval=0.01) as sampler:
         time.sleep(0.2)
     state = sampler.summary
     assert state is not None and state["samples"] >= 2
-    assert state["sm_clock_mhz_min"] == 1500.0 and state["slowdowns"] == ["power cap"]
+    assert state["sm_clock_mhz_min"] == 1500.0 and state["slowdowns"] == {"power cap": 1.0}
     assert state["gpu_processes"] == 2  # another process computed on the GPU meanwhile
+    # A query that fails (NVML's error text on stdout) or hangs counts nothing and fails nothing.
+    _fake_nvidia_smi(tmp_path, "echo 'Failed to initialize NVML: Unknown Error'; exit 255")
+    with bench_pipeline.GpuSampler(interval=0.01) as sampler:
+        time.sleep(0.05)
+    assert sampler.summary is not None and "gpu_processes" not in sampler.summary
+    _fake_nvidia_smi(tmp_path, "exec sleep 30")
+    monkeypatch.setattr(bench_pipeline, "_SMI_TIMEOUT", 0.3)
+    started = time.monotonic()
+    with bench_pipeline.GpuSampler(interval=0.01) as sampler:
+        pass
+    assert time.monotonic() - started < 5 and "gpu_processes" not in sampler.summary
 
 
 def test_tables_flag_rows_faster_than_their_floor_or_measured_on_a_slowed_gpu() -> None:
@@ -416,13 +434,21 @@ def test_tables_flag_rows_faster_than_their_floor_or_measured_on_a_slowed_gpu() 
             "peak_vram_gib": 21.8, "peak_host_rss_gib": 32.1}
     assert rt.below_floor(fast, rt.floor_seconds([ref, fast], fast))  # 0.071 s against a 0.098 s floor
     assert not rt.below_floor(dict(fast, seconds_per_step=0.095), 0.098)  # within 5%: noise, not flagged
-    assert not rt.slowed(fast) and not rt.slowed(dict(fast, gpu_state={"slowdowns": [], "gpu_processes": 1}))
-    assert rt.slowed(dict(fast, gpu_state={"slowdowns": ["power cap"], "gpu_processes": 1}))
-    assert rt.slowed(dict(fast, gpu_state={"slowdowns": [], "gpu_processes": 2}))
+
+    def state(slowdowns: dict, median: float = 1980.0, processes: int = 1) -> dict:
+        return {"slowdowns": slowdowns, "sm_clock_mhz_median": median, "sm_clock_mhz_max": 1980.0,
+                "gpu_processes": processes}
+
+    assert not rt.slowed(fast) and not rt.slowed(dict(fast, gpu_state=state({})))
+    # The power cap at full clock is a GPU at work; with the clock down it is a slowed one.
+    assert not rt.slowed(dict(fast, gpu_state=state({"power cap": 1.0}, median=1900.0)))
+    assert rt.slowed(dict(fast, gpu_state=state({"power cap": 1.0}, median=1400.0)))
+    assert rt.slowed(dict(fast, gpu_state=state({"hardware slowdown": 0.1})))
+    assert rt.slowed(dict(fast, gpu_state=state({}, processes=2)))
     env = {"device": "GPU", "torch": "t", "diffusers": "d", "command": "c"}
     table = "\n".join(rt.pipeline({"environment": env, "size": 512, "results": [ref, fast]}))
     assert "| 0.72 ‡ |" in table and "ratios marked ‡ are below 0.95" in table
-    slowed_ref = dict(ref, gpu_state={"slowdowns": ["hardware slowdown"], "gpu_processes": 1})
+    slowed_ref = dict(ref, gpu_state=state({"software thermal slowdown": 0.5}))
     table = "\n".join(rt.pipeline({"environment": env, "size": 512,
                                    "results": [slowed_ref, dict(fast, seconds_per_step=0.1)]}))
     assert "| 0 | unoptimized § |" in table and "Rows marked §" in table
@@ -430,26 +456,33 @@ def test_tables_flag_rows_faster_than_their_floor_or_measured_on_a_slowed_gpu() 
 
 
 def test_bench_pipeline_measures_rows_again_and_keeps_the_rows_they_replace(tmp_path: Path) -> None:
-    base = ["benchmarks/bench_pipeline.py", "--tiny", "--budgets", "8", "--steps", "3", "--no-reference"]
-    proc = _run([*base, "--configs", "vramkit,diffusers-leaf-stream"], tmp_path / "first")
+    base = ["benchmarks/bench_pipeline.py", "--tiny", "--steps", "3", "--no-reference"]
+    proc = _run([*base, "--budgets", "8,4", "--configs", "vramkit,diffusers-leaf-stream"], tmp_path / "first")
     assert proc.returncode == 0, proc.stderr[-2000:]
     earlier = tmp_path / "first" / "pipeline_1024_tiny.json"
     first = json.loads(earlier.read_text())["results"]
-    assert [r["measured_by_command"] for r in first] == [1, 1]
-    # vramkit again (it need not be in --configs): measured by call 2, the old row kept as superseded.
-    proc = _run([*base, "--configs", "diffusers-leaf-stream", "--resume", str(earlier), "--again", "vramkit@8"],
-                tmp_path / "second")
+    assert [(r["config"], r["budget_gib"], r["measured_by_command"]) for r in first] == [
+        ("vramkit", 8, 1), ("vramkit", 4, 1), ("diffusers-leaf-stream", 8, 1), ("diffusers-leaf-stream", 4, 1)]
+    # A deadline before anything starts: the rows named stay as they were, nothing is superseded.
+    proc = _run([*base, "--budgets", "8", "--configs", "diffusers-leaf-stream", "--resume", str(earlier),
+                 "--again", "vramkit", "--deadline", "1"], tmp_path / "cut")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "cut" / "pipeline_1024_tiny.json").read_text())
+    assert data["results"] == first and "superseded" not in data
+    # vramkit again, without budgets: both of its rows (not only this call's --budgets), measured
+    # by call 2; the rows they replace are kept, marked with that call.
+    proc = _run([*base, "--budgets", "8", "--configs", "diffusers-leaf-stream", "--resume", str(earlier),
+                 "--again", "vramkit"], tmp_path / "second")
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "second" / "pipeline_1024_tiny.json").read_text())
-    assert [(r["config"], r["measured_by_command"]) for r in data["results"]] == [
-        ("diffusers-leaf-stream", 1), ("vramkit", 2)]
-    assert data["results"][1]["status"] == "ok"
-    (old,) = data["superseded"]
-    assert old["config"] == "vramkit" and old["superseded_by_command"] == 2
-    assert old["seconds_per_step"] == first[0]["seconds_per_step"]
+    assert [(r["config"], r["budget_gib"], r["measured_by_command"]) for r in data["results"]] == [
+        ("diffusers-leaf-stream", 8, 1), ("diffusers-leaf-stream", 4, 1), ("vramkit", 8, 2), ("vramkit", 4, 2)]
+    assert all(r["status"] == "ok" for r in data["results"])
+    assert [(r["budget_gib"], r["superseded_by_command"], r["seconds_per_step"]) for r in data["superseded"]] == [
+        (8, 2, first[0]["seconds_per_step"]), (4, 2, first[1]["seconds_per_step"])]
     # A row the file does not hold, an unknown option, or --again without --resume: clear errors.
-    for args, message in ((["--resume", str(earlier), "--again", "vramkit@12"], "no such row"),
+    for args, message in ((["--resume", str(earlier), "--again", "vramkit@8/12"], "no such row to measure again at 12"),
                           (["--resume", str(earlier), "--again", "vramkit-xl"], "unknown option"),
                           (["--again", "vramkit"], "give the file with --resume")):
-        proc = _run([*base, "--configs", "vramkit", *args], tmp_path / "bad")
+        proc = _run([*base, "--budgets", "8", "--configs", "vramkit", *args], tmp_path / "bad")
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-500:]
