@@ -59,7 +59,6 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import argparse
 import atexit
-import contextlib
 import json
 import math
 import platform
@@ -180,8 +179,9 @@ class GpuSampler:
     Without nvidia-smi (a CPU machine), or where it fails, it records nothing; it never fails the
     measurement."""
 
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(self, interval: float = 0.25, enabled: bool = True) -> None:
         self._interval = interval
+        self._enabled = enabled  # False: a CPU measurement on a GPU machine (--tiny) samples nothing
         self._fields: str | None = None
         self._lines: list[str] = []
         self._processes: list[int] = []
@@ -204,7 +204,7 @@ class GpuSampler:
             self._stop.wait(self._interval)
 
     def __enter__(self) -> GpuSampler:
-        if shutil.which("nvidia-smi") is None:
+        if not self._enabled or shutil.which("nvidia-smi") is None:
             return self
         for reasons in ("clocks_event_reasons.active", "clocks_throttle_reasons.active"):  # newer, older drivers
             fields = ",".join((*_CLOCK_FIELDS, reasons))
@@ -548,9 +548,9 @@ def measure(pipe: Any, tiny: bool, device: str, row: dict[str, Any]) -> None:
     graphs_before = _graphs_compiled()
     clock = StepClock(device == "cuda")
     difference = None
-    gpu = GpuSampler()
+    gpu = GpuSampler(enabled=device == "cuda")
     try:
-        with gpu if device == "cuda" else contextlib.nullcontext():
+        with gpu:
             t_hi = call(pipe, ARGS.steps, tiny, clock)
     except TypeError as exc:
         if "callback" not in str(exc):
@@ -558,8 +558,8 @@ def measure(pipe: Any, tiny: bool, device: str, row: dict[str, Any]) -> None:
         # An option whose wrapper does not pass callback_on_step_end on: time it by difference.
         clock = StepClock(device == "cuda")
         t_lo = call(pipe, 2, tiny)
-        gpu = GpuSampler()
-        with gpu if device == "cuda" else contextlib.nullcontext():
+        gpu = GpuSampler(enabled=device == "cuda")
+        with gpu:
             t_hi = call(pipe, ARGS.steps, tiny)
         difference = (t_hi - t_lo) / (ARGS.steps - 2)
         row["seconds_2_steps"] = t_lo
@@ -935,10 +935,12 @@ def measure_again(results: list[dict[str, Any]], entries: list[str]) -> tuple[se
             raise SystemExit(f"--again {entry}: unknown option; known: {', '.join(CONFIGS)}")
         held = list(dict.fromkeys(r["budget_gib"] for r in results if r["config"] == name))  # file order
         missing = [b for b in own or () if b not in held]
-        if not held or missing:
-            raise SystemExit(f"--again {entry}: the resumed file has no such row to measure again"
-                             + (f" at {', '.join(f'{b:g}' for b in missing)} GiB" if held else "")
-                             + (f" (it has {name} at {', '.join(f'{b:g}' for b in held)} GiB)" if held else ""))
+        if not held:
+            raise SystemExit(f"--again {entry}: the resumed file has no such row to measure again")
+        if missing:
+            raise SystemExit(f"--again {entry}: the resumed file has no such row to measure again at "
+                             f"{', '.join(f'{b:g}' for b in missing)} GiB (it has {name} at "
+                             f"{', '.join(f'{b:g}' for b in held)} GiB)")
         budgets = own or held
         again |= {(b, name) for b in budgets}
         if name != "unoptimized":
