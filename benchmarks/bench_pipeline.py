@@ -615,6 +615,11 @@ def measure_config(pipe: Any, config: str, budgets: list[float], emit: Callable[
                         # fresh process at this budget would hold inside the budget too.
                         held = max(0, free_before - torch.cuda.mem_get_info()[0])
                         row["held_between_calls_gib"] = held / GIB
+                        # What of it torch's allocator sees: allocated = live tensors (a reference kept
+                        # somewhere), reserved but not allocated = cache empty_cache could not return,
+                        # neither = memory outside the allocator.
+                        row["held_allocated_gib"] = torch.cuda.memory_allocated() / GIB
+                        row["held_reserved_gib"] = torch.cuda.memory_reserved() / GIB
                         if budget_gib > 0 and held > budget_gib * GIB:
                             raise torch.OutOfMemoryError(f"the option holds {held / GIB:.2f} GiB on the GPU "
                                                          "between calls, more than the budget")
