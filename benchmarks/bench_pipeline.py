@@ -20,13 +20,15 @@ process, so the host's available RAM (recorded per row) does not rise as it woul
 process; ``--no-fork`` starts a fresh process per child where that matters. A ballast makes
 ``torch.cuda.mem_get_info()`` report exactly the budget as free (any overshoot is a real CUDA OOM).
 
-Options that never read the free memory (diffusers' built-ins; mmgp, which sizes itself from the
-device's total memory) are applied once per child and measured at every budget from the largest
-down ("sweep" rows): before each budget the caching allocator is emptied and the ballast resized so
-that the free memory is the budget less what the option holds between calls, as it would be in a
-fresh process. Once one runs out of memory, the smaller budgets are recorded as OOM without running
+diffusers' built-ins, which never read the free memory, are applied once per child and measured at
+every budget from the largest down ("sweep" rows): before each budget the caching allocator is
+emptied and the ballast resized so that the free memory is the budget less what the option holds
+between calls, as it would be in a fresh process. Where the allocator keeps memory cached after
+``empty_cache`` the next ballast cannot be sized and the row is an error, not an OOM (mmgp did
+that). Once one runs out of memory, the smaller budgets are recorded as OOM without running
 (``oom_implied_by``): an option whose footprint does not depend on the budget cannot fit in less.
-vramkit and the peers that read the free memory get a child of their own per budget ("fork" rows).
+vramkit, the peers that read the free memory and mmgp get a child of their own per budget ("fork"
+rows).
 
 Each measurement is a 2-step warm-up call (first-call costs: pinning, lazy init, autotuning) and an
 N-step call. s/step is the mean gap between the ends of consecutive steps of the N-step call (CUDA
@@ -104,12 +106,17 @@ CONFIGS = {
 
 
 #: Options that never read the free memory: applied once and measured at every budget in one child.
-#: diffusers' built-ins do not look at memory at all; mmgp sizes itself from the device's total
-#: memory (``get_device_properties().total_memory``), which a ballast does not change.
+#: diffusers' built-ins do not look at memory at all. Not mmgp, though it sizes itself from the
+#: device's total memory, which a ballast does not change: after its 24 GiB row at 512² on an H100,
+#: freeing the ballast and emptying the cache left 55 GiB reserved but unallocated by torch's
+#: allocator (benchmarks/results/pipeline_512_sweep_diag_h100.json), so it runs one process per budget.
 SWEEP_CONFIGS = frozenset({
     "diffusers-leaf-stream", "diffusers-leaf-stream-fp8", "diffusers-block-stream", "diffusers-block-stream-fp8",
-    "diffusers-model-offload", "diffusers-sequential", "mmgp", "mmgp-int8",
+    "diffusers-model-offload", "diffusers-sequential",
 })
+#: Memory torch's allocator may keep cached after ``empty_cache`` before a sweep stops: more than
+#: this and the next ballast would leave the option more than its budget.
+_SWEEP_CACHED_LIMIT = 1 * GIB
 #: ``--configs suite``: every option of the suite, vramkit and diffusers' built-ins first (the
 #: comparisons the acceptance figures need), the slowest last.
 SUITE = ("vramkit", "vramkit-fp8", "diffusers-leaf-stream", "diffusers-leaf-stream-fp8", "diffusers-block-stream",
@@ -529,6 +536,22 @@ def _graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def sweep_check(config: str, budget_gib: float, held: int, allocated: int, reserved: int) -> None:
+    """Before the next budget of a sweep: raises where the option cannot be measured there in this
+    process. ``held`` is what the driver sees it hold between calls (ballast freed, cache emptied),
+    ``allocated`` and ``reserved`` what torch's allocator reports then."""
+    cached = reserved - allocated
+    if cached > _SWEEP_CACHED_LIMIT:
+        # Not an OOM: the option did not run at this budget. The next ballast, sized from the
+        # driver's free memory, would leave it this cache on top of the budget.
+        raise RuntimeError(f"sweep stopped: the allocator kept {cached / GIB:.2f} GiB cached after empty_cache, "
+                           f"so this budget cannot be simulated in the same process; measure {config}@{budget_gib:g} "
+                           "in a process of its own")
+    if budget_gib > 0 and held > budget_gib * GIB:
+        raise torch.OutOfMemoryError(f"the option holds {held / GIB:.2f} GiB on the GPU between calls, more than "
+                                     "the budget")
+
+
 def set_budget(budget_gib: float, held: int) -> torch.Tensor | None:
     """A ballast after which ``mem_get_info`` reports ``budget_gib`` less ``held`` bytes (what the
     option already holds on the GPU) as free; None for budget 0 (the whole GPU)."""
@@ -618,11 +641,10 @@ def measure_config(pipe: Any, config: str, budgets: list[float], emit: Callable[
                         # What of it torch's allocator sees: allocated = live tensors (a reference kept
                         # somewhere), reserved but not allocated = cache empty_cache could not return,
                         # neither = memory outside the allocator.
-                        row["held_allocated_gib"] = torch.cuda.memory_allocated() / GIB
-                        row["held_reserved_gib"] = torch.cuda.memory_reserved() / GIB
-                        if budget_gib > 0 and held > budget_gib * GIB:
-                            raise torch.OutOfMemoryError(f"the option holds {held / GIB:.2f} GiB on the GPU "
-                                                         "between calls, more than the budget")
+                        allocated, reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+                        row["held_allocated_gib"] = allocated / GIB
+                        row["held_reserved_gib"] = reserved / GIB
+                        sweep_check(config, budget_gib, held, allocated, reserved)
                     if budget_gib <= 0:
                         from vramkit.memory.probe import measure_h2d_bandwidth
 

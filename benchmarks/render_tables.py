@@ -403,6 +403,7 @@ def main() -> int:
         ("pipeline_1024_grid_anchors_h200.json", pipeline),
         ("pipeline_512_grid_h100.json", pipeline),
         ("pipeline_512_grid_h200.json", pipeline),
+        ("pipeline_512_sweep_diag_h100.json", pipeline),
         ("pipeline_1024_8gib_h200.json", pipeline),
         ("pipeline_1024_12gib_h200.json", pipeline),
         ("pipeline_1024_8gib_h100.json", pipeline),
