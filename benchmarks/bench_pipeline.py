@@ -914,7 +914,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         floor = floor_seconds(results, r) if ok else None
         lb = f"{floor:.3f}" if floor else ""
         ratio = f"{r['seconds_per_step'] / floor:.2f}" if floor else ""
-        if ok and floor and below_floor(r, floor):
+        if ok and below_floor(r, floor):
             ratio += "‡"  # faster than its floor: this row or an input of L(B) was mis-measured
         if ok and slowed(r):
             speed += " §"  # the GPU reported a slowdown or another process while it was measured

@@ -190,8 +190,10 @@ def pipeline(data: dict[str, Any]) -> list[str]:
             f"fp8 the compute term is {fp8_term}. Budget 0 = the whole GPU.",
             "",
         ]
+    # Each row's L(B), once: the flags below and the table both read it.
+    floors = {id(r): floor_seconds(data["results"], r) for r in data["results"] if r.get("status") == "ok"}
     flagged = [r for r in data["results"] if r.get("status") == "ok" and r.get("seconds_per_step", 0) > 0
-               and (slowed(r) or below_floor(r, floor_seconds(data["results"], r)))]
+               and (slowed(r) or below_floor(r, floors[id(r)]))]
     if flagged:
         out.insert(4, "Rows marked § were measured while nvidia-smi reported a thermal or hardware slowdown, a "
                    "power cap with the median SM clock below 90% of its maximum, or another process on the GPU; "
@@ -257,9 +259,9 @@ def pipeline(data: dict[str, Any]) -> list[str]:
         key = (b, "fp8" in r["config"])
         step_x = f"{best_step[key] / r['seconds_per_step']:.2f}x" if key in best_step else ""
         image_x = f"{best_image[key] / r['seconds_per_image_28']:.2f}x" if key in best_image else ""
-        floor = floor_seconds(data["results"], r)
+        floor = floors[id(r)]
         lb, ratio = (f"{floor:.3f}", f"{r['seconds_per_step'] / floor:.2f}") if floor else ("", "")
-        if floor and below_floor(r, floor):
+        if below_floor(r, floor):
             ratio += " ‡"
         label = r["config"] + (" †" if timed_by_events and r.get("step_timing") != "step events" else "") + (
             " ◦" if r.get("harness") == "sweep" else "") + (" §" if slowed(r) else "")
